@@ -1,0 +1,366 @@
+"""``detector``: the command line.
+
+Commands: ``replay`` (events file through the engine), ``simulate`` (labelled synthetic fleet
+traffic), ``evaluate`` (score alerts against labels), ``demo`` (the two put together),
+``bench`` (throughput and memory), ``scorecard`` (several seeds, the README table) and
+``schemas`` (write or check ``schemas/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from detector import __version__
+from detector.engine import Engine
+from detector.events import CONTRACTS, Alert, IncidentLabel
+from detector.replay import Reject, ReplayResult, open_events, replay
+from detector.settings import Settings, load_settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except BrokenPipeError:  # `detector replay ... | head`
+        return 0
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detector", description="Stormwatch: catch runaway LLM spend as it happens.")
+    parser.add_argument("--version", action="version", version=f"stormwatch {__version__}")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = sub.add_parser("replay", help="run usage events from a file through the engine")
+    p.add_argument("events", help="JSON Lines file, .gz file, or - for stdin")
+    p.add_argument("--alerts-out", metavar="ALERTS.jsonl", help="write alert records here (- for stdout)")
+    p.add_argument(
+        "--rejects-out",
+        metavar="REJECTS.jsonl",
+        help="where rejected lines go (default: rejects.jsonl beside the alerts, or ./stormwatch-rejects.jsonl)",
+    )
+    _config_arg(p)
+    p.add_argument("--strict", action="store_true", help="exit 2 if any line was rejected")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    p.set_defaults(run=_replay)
+
+    p = sub.add_parser("simulate", help="write labelled synthetic fleet traffic")
+    _spec_args(p)
+    p.add_argument("--out", type=Path, default=Path("out/sim"), help="directory for events, labels, config")
+    p.set_defaults(run=_simulate)
+
+    p = sub.add_parser("evaluate", help="score alerts against incident labels")
+    p.add_argument("labels", type=Path)
+    p.add_argument("alerts", type=Path)
+    p.add_argument("--days", type=float, help="span of the traffic (default: from the labels file's meta)")
+    p.add_argument("--json", action="store_true", help="print the scorecard as JSON")
+    p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("demo", help="simulate a day of traffic with incidents, replay it, show the alerts")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--days", type=float, default=1.0, help="days with incidents, after a day of warm-up")
+    p.add_argument("--out", type=Path, default=Path("out/demo"))
+    p.set_defaults(run=_demo)
+
+    p = sub.add_parser("scorecard", help="simulate several seeds, replay and evaluate each (README table)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--days", type=float, default=3.0)
+    p.add_argument("--out", type=Path, default=Path("out/scorecard"))
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.set_defaults(run=_scorecard)
+
+    p = sub.add_parser("bench", help="replay throughput against decode-only, and memory with 1M sessions")
+    p.add_argument("what", choices=["replay", "sessions"], nargs="?", default="replay")
+    p.add_argument("--events", type=Path, help="events file to replay (default: simulate one)")
+    p.add_argument("--sessions", type=int, default=1_000_000)
+    p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best is kept")
+    p.set_defaults(run=_bench)
+
+    p = sub.add_parser("schemas", help="write or check the JSON Schemas in schemas/")
+    p.add_argument("--dir", type=Path, default=Path("schemas"))
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--write", action="store_true")
+    group.add_argument("--check", action="store_true")
+    p.set_defaults(run=_schemas)
+    return parser
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("STORMWATCH_CONFIG"),
+        help="TOML config file (default: $STORMWATCH_CONFIG); STORMWATCH_* variables override it",
+    )
+
+
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--days", type=float, default=1.0, help="days with labelled incidents")
+    p.add_argument("--warmup-hours", type=float, default=24.0, help="normal traffic before the first incident")
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies every request rate")
+
+
+def _settings(path: Path | None) -> Settings:
+    return load_settings(Path(path) if path else None)
+
+
+# -- replay -------------------------------------------------------------------------------
+
+
+class _Sink:
+    """JSON Lines to a file or stdout, opened on first write."""
+
+    def __init__(self, target: str | Path | None) -> None:
+        self.target = target
+        self._fh: IO[bytes] | None = None
+        self.count = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.target is None:
+            return
+        if self._fh is None:
+            if str(self.target) == "-":
+                self._fh = sys.stdout.buffer
+            else:
+                Path(self.target).parent.mkdir(parents=True, exist_ok=True)
+                self._fh = Path(self.target).open("wb")  # noqa: SIM115 - closed by close()
+        self._fh.write(orjson.dumps(record) + b"\n")
+        self.count += 1
+
+    def close(self) -> None:
+        if self._fh is not None and self._fh is not sys.stdout.buffer:
+            self._fh.close()
+        elif self._fh is not None:
+            self._fh.flush()
+
+
+def _lines_with_progress(lines: BinaryIO, raw: BinaryIO, source: str, console: Console) -> Iterator[bytes]:
+    size = Path(source).stat().st_size if source != "-" else None
+    columns = [TextColumn("[bold]replay"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("replay", total=size)
+        for i, line in enumerate(lines):
+            if i & 0xFFFF == 0 and size:
+                progress.update(task, completed=raw.tell())
+            yield line
+
+
+def run_replay(
+    source: str,
+    settings: Settings,
+    alerts_out: str | Path | None,
+    rejects_out: str | Path | None,
+    console: Console | None,
+) -> tuple[ReplayResult, Engine, list[Alert]]:
+    """Replay ``source`` into a fresh engine; alerts go to ``alerts_out`` and are returned too."""
+    engine = Engine.from_settings(settings)
+    alerts: list[Alert] = []
+    alert_sink, reject_sink = _Sink(alerts_out), _Sink(rejects_out)
+
+    def on_alert(alert: Alert) -> None:
+        alerts.append(alert)
+        alert_sink.write(alert.model_dump(mode="json"))
+
+    def on_reject(reject: Reject) -> None:
+        reject_sink.write(reject.to_json())
+        if console is not None and reject_sink.count <= 5:
+            console.print(f"[yellow]line {reject.line} rejected:[/] {reject.reason}", highlight=False)
+
+    try:
+        with open_events(source) as (lines, raw):
+            show = console is not None and console.is_terminal
+            stream = _lines_with_progress(lines, raw, source, console) if show and console else lines
+            result = replay(stream, engine, on_alert, on_reject)
+    finally:
+        alert_sink.close()
+        reject_sink.close()
+    return result, engine, alerts
+
+
+def _replay(args: argparse.Namespace) -> int:
+    to_stdout = args.alerts_out == "-"
+    console = None if args.quiet else Console(stderr=to_stdout or not sys.stdout.isatty())
+    rejects = args.rejects_out or (
+        Path(args.alerts_out).with_name("rejects.jsonl")
+        if args.alerts_out and not to_stdout
+        else Path("stormwatch-rejects.jsonl")
+    )
+    result, engine, alerts = run_replay(args.events, _settings(args.config), args.alerts_out, rejects, console)
+    if console is not None:
+        _print_summary(console, result, engine, alerts, rejects)
+    return 2 if args.strict and result.rejected else 0
+
+
+def _print_summary(
+    console: Console, result: ReplayResult, engine: Engine, alerts: list[Alert], rejects: Path | str
+) -> None:
+    stats = engine.stats
+    table = Table(title="replay", show_header=False, title_justify="left")
+    table.add_row("events", f"{result.events:,}")
+    table.add_row("rejected", f"{result.rejected:,}" + (f"  (see {rejects})" if result.rejected else ""))
+    table.add_row("late (> lateness)", f"{stats.late_events:,}")
+    table.add_row("unpriced (unknown model, no cost_usd)", f"{stats.unpriced_events:,}")
+    table.add_row("spend", f"${sum(stats.spend_by_team.values()):,.2f}")
+    table.add_row("incidents", f"{len({a.incident_id for a in alerts})}")
+    for (kind, status), n in sorted(stats.alerts.items()):
+        table.add_row(f"  {kind} {status}", str(n))
+    console.print(table)
+    if alerts:
+        console.print(incident_table(alerts))
+
+
+def incident_table(alerts: list[Alert], limit: int = 40) -> Table:
+    """One row per incident, from its firing record, with the worst rate it reached."""
+    firing = [a for a in alerts if a.status.value == "firing"]
+    table = Table(title=f"incidents ({len(firing)})", title_justify="left", show_lines=False)
+    for column in ("detected (UTC)", "kind", "sev", "entity", "$/h", "what happened"):
+        table.add_column(column, overflow="fold")
+    for a in firing[:limit]:
+        table.add_row(
+            a.detected_at.strftime("%a %H:%M:%S"),
+            a.kind.value,
+            a.severity.value,
+            f"{a.owner} / {a.entity}",
+            f"{a.cost_rate_usd_per_hour:,.2f}",
+            a.explanation.summary,
+        )
+    if len(firing) > limit:
+        table.caption = f"... and {len(firing) - limit} more"
+    return table
+
+
+# -- simulate, evaluate, demo ----------------------------------------------------------------
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from detector.simulate import SimulationSpec, write_simulation
+
+    spec = SimulationSpec(seed=args.seed, days=args.days, warmup_hours=args.warmup_hours, scale=args.scale)
+    paths = write_simulation(spec, args.out)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def read_labels(path: Path) -> list[IncidentLabel]:
+    with path.open("rb") as fh:
+        return [IncidentLabel.model_validate_json(line) for line in fh if line.strip()]
+
+
+def read_alerts(path: Path) -> list[dict[str, Any]]:
+    with path.open("rb") as fh:
+        return [orjson.loads(line) for line in fh if line.strip()]
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from detector.evaluate import score
+
+    labels = read_labels(args.labels)
+    days = args.days or _days_from_meta(args.labels) or 1.0
+    card = score(labels, read_alerts(args.alerts), days=days)
+    if args.json:
+        sys.stdout.write(orjson.dumps(card.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print_scorecard(Console(), card)
+    return 0
+
+
+def _days_from_meta(labels_path: Path) -> float | None:
+    meta = labels_path.with_name("simulation.json")
+    if not meta.exists():
+        return None
+    days: float = orjson.loads(meta.read_bytes())["span_days"]
+    return days
+
+
+def print_scorecard(console: Console, card: Any) -> None:
+    from detector.evaluate import table_rows
+
+    table = Table(title=f"evaluation over {card.days:g} days", title_justify="left")
+    for column in ("kind / scenario", "detected", "recall", "precision", "median s", "p90 s"):
+        table.add_column(column, justify="left" if column.startswith("kind") else "right")
+    for row in table_rows(card):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"false incidents: {len(card.false_incidents)} ({card.false_per_day:g} per day)")
+    for f in card.false_incidents[:10]:
+        console.print(
+            f"  [yellow]false[/] {f['detected_at']} {f['kind']} {f['owner']}: {f['summary']}", highlight=False
+        )
+    for m in card.missed[:10]:
+        console.print(f"  [red]missed[/] {m['start']} {m['scenario']} {m['team']} {m['entity']}", highlight=False)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from detector.evaluate import score
+    from detector.simulate import SimulationSpec, write_simulation
+
+    console = Console()
+    spec = SimulationSpec(seed=args.seed, days=args.days, warmup_hours=24.0)
+    with console.status(f"simulating {args.days:g} day(s) of fleet traffic after a day of warm-up ..."):
+        paths = write_simulation(spec, args.out)
+    console.print(f"simulated traffic: {paths['events']}  (labels: {paths['labels']}, config: {paths['config']})")
+    settings = load_settings(paths["config"])
+    alerts_path = args.out / "alerts.jsonl"
+    result, engine, alerts = run_replay(
+        str(paths["events"]), settings, alerts_path, args.out / "rejects.jsonl", console
+    )
+    _print_summary(console, result, engine, alerts, args.out / "rejects.jsonl")
+    card = score(
+        read_labels(paths["labels"]),
+        [a.model_dump(mode="json") for a in alerts],
+        days=spec.days + spec.warmup_hours / 24,
+    )
+    print_scorecard(console, card)
+    console.print(f"alerts written to {alerts_path}")
+    return 0
+
+
+def _scorecard(args: argparse.Namespace) -> int:
+    from detector.scorecard import run_scorecard
+
+    return run_scorecard(args.seeds, args.days, args.out, args.jobs, Console())
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from detector import bench
+
+    console = Console()
+    if args.what == "sessions":
+        bench.sessions(args.sessions, console)
+    else:
+        bench.throughput(args.events, args.repeat, console)
+    return 0
+
+
+def _schemas(args: argparse.Namespace) -> int:
+    from detector import schemas
+
+    if args.check:
+        stale = schemas.drift(args.dir)
+        for name in stale:
+            print(f"{args.dir / name} differs from the models; run `detector schemas --write`", file=sys.stderr)
+        return 1 if stale else 0
+    if args.write:
+        for path in schemas.write(args.dir):
+            print(path)
+        return 0
+    for name in CONTRACTS:
+        print(schemas.render(name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

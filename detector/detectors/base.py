@@ -1,0 +1,104 @@
+"""What every detector is and what it returns.
+
+A detector is small and pure, like a river estimator: constructor arguments are its
+parameters, ``observe`` takes one event with its event time and cost, ``evaluate`` takes the
+event-time ``now`` and returns findings. It holds no I/O and reads no clock. Scoring (how
+unusual) lives in the detector; deciding what is one incident lives in the incident book.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from detector.events import AlertKind, Contributor, DetectorRef, Entity, EntityType, Evidence, Severity, UsageEvent
+from detector.state import EntityStore
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One detector's verdict that an entity is anomalous right now.
+
+    ``group`` says which findings share a root cause: the incident book folds findings of
+    the same kind and group into one incident.
+    """
+
+    kind: AlertKind
+    entity: Entity
+    team: str
+    group: str
+    at: float
+    started_at: float
+    severity: Severity
+    score: float
+    evidence: Evidence
+    summary: str
+    cost_rate_usd_per_hour: float
+    excess_usd_per_hour: float
+    recommended_action: str
+    detector: DetectorRef
+    contributors: tuple[Contributor, ...] = field(default=())
+
+
+class Detector(Protocol):
+    name: ClassVar[str]
+    version: ClassVar[str]
+    interval: float
+
+    def observe(self, ev: UsageEvent, ts: float, cost: float) -> None: ...
+
+    def evaluate(self, now: float) -> list[Finding]: ...
+
+    def evict(self, now: float) -> int: ...
+
+    def pin(self, entity: Entity, pinned: bool) -> None: ...
+
+    def entity_count(self) -> int: ...
+
+
+class EntityStores:
+    """Eviction, pinning and counting for detectors that keep state in entity stores."""
+
+    _stores: dict[EntityType, EntityStore[Any]]
+
+    def evict(self, now: float) -> int:
+        return sum(store.evict(now) for store in self._stores.values())
+
+    def pin(self, entity: Entity, pinned: bool) -> None:
+        store = self._stores.get(entity.type)
+        if store is not None:
+            (store.pinned.add if pinned else store.pinned.discard)(entity.id)
+
+    def entity_count(self) -> int:
+        return sum(len(s) for s in self._stores.values())
+
+
+def top_contributors(
+    rows: Iterable[tuple[Entity, float]], limit: int = 3, total: float | None = None
+) -> tuple[Contributor, ...]:
+    """Sum dollars per entity and keep the biggest ``limit`` with their share of ``total``."""
+    spend: defaultdict[Entity, float] = defaultdict(float)
+    for entity, usd in rows:
+        spend[entity] += usd
+    whole = total if total is not None else sum(spend.values())
+    ranked = sorted(spend.items(), key=lambda kv: kv[1], reverse=True)[:limit]
+    return tuple(
+        Contributor(entity=e, cost_usd=round(usd, 4), share=round(min(usd / whole, 1.0), 4) if whole > 0 else 0.0)
+        for e, usd in ranked
+        if usd > 0
+    )
+
+
+def usd(x: float) -> str:
+    """Dollars the way a person reads them at 3 a.m.: $0.042, $3.20, $1,240."""
+    if x >= 100:
+        return f"${x:,.0f}"
+    if x >= 1:
+        return f"${x:,.2f}"
+    return f"${x:.3f}"
+
+
+def times(ratio: float) -> str:
+    return f"{ratio:.1f}x" if ratio < 100 else f"{ratio:,.0f}x"

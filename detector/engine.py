@@ -1,0 +1,180 @@
+"""The detection engine: one pure core that both shells drive.
+
+``detector replay`` feeds it events from a file, ``detector worker`` from Kafka; both call
+:meth:`Engine.process` per event and get back the alerts it raised. The engine owns event
+time: it advances a tick clock from the events themselves, asks each detector for findings
+every ``interval`` seconds of event time, folds them into incidents, and lets idle state go.
+No I/O and no wall clock, so the same events always give the same alerts.
+
+>>> engine = Engine.default()
+>>> alerts = engine.process(UsageEvent.model_validate({
+...     "event_id": "e1", "timestamp": "2026-11-02T09:30:00Z", "team": "search", "api_key_id": "k1",
+...     "provider": "openai", "model": "gpt-4o", "operation": "chat", "input_tokens": 1000,
+...     "output_tokens": 100, "status": "ok"}))
+>>> alerts, engine.stats.events, round(engine.stats.spend_by_team["search"], 4)
+([], 1, 0.0035)
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from detector.detectors.agent_loop import AgentLoop
+from detector.detectors.base import Detector, Finding
+from detector.detectors.budget_burn import BudgetBurn
+from detector.detectors.cost_spike import CostSpike
+from detector.detectors.retry_storm import RetryStorm
+from detector.events import Alert, Entity, UsageEvent
+from detector.incidents import IncidentBook
+from detector.pricing import PriceCatalog
+from detector.settings import Settings
+
+SNAPSHOT_VERSION = 1
+
+
+@dataclass
+class EngineStats:
+    events: int = 0
+    late_events: int = 0  # older than the watermark by more than the allowed lateness
+    unpriced_events: int = 0  # no cost_usd and a model the catalog does not know
+    spend_by_team: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    alerts: Counter[tuple[str, str]] = field(default_factory=Counter)  # (kind, status) -> count
+    first_ts: float = math.inf
+    watermark: float = -math.inf
+
+
+class Engine:
+    """Runs detectors over events in event time and turns their findings into alerts."""
+
+    def __init__(
+        self,
+        detectors: list[Detector],
+        catalog: PriceCatalog,
+        book: IncidentBook | None = None,
+        tick_seconds: float = 5.0,
+        evict_every: float = 300.0,
+        allowed_lateness: float = 60.0,
+    ) -> None:
+        self.detectors = detectors
+        self.catalog = catalog
+        self.book = book or IncidentBook()
+        self.tick_seconds = tick_seconds
+        self.evict_every = evict_every
+        self.allowed_lateness = allowed_lateness
+        self.stats = EngineStats()
+        self._next_tick = math.inf
+        self._due = [math.inf] * len(detectors)
+        self._next_evict = math.inf
+        self._pinned: set[Entity] = set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Engine:
+        catalog = PriceCatalog.default().with_overrides(settings.pricing)
+        budgets = settings.budgets()
+        spent = {t: s.spent_to_date_usd for t, s in settings.teams.items()}
+        detectors: list[Detector] = [
+            CostSpike(**settings.detector_params(CostSpike.name)),
+            RetryStorm(**settings.detector_params(RetryStorm.name)),
+            AgentLoop(**settings.detector_params(AgentLoop.name)),
+            BudgetBurn(budgets=budgets, spent_to_date=spent, **settings.detector_params(BudgetBurn.name)),
+        ]
+        return cls(detectors, catalog, tick_seconds=settings.tick_seconds)
+
+    @classmethod
+    def default(cls) -> Engine:
+        return cls.from_settings(Settings())
+
+    def process(self, ev: UsageEvent) -> list[Alert]:
+        """Observe one event; returns the alerts that became due up to its event time."""
+        ts = ev.timestamp.timestamp()
+        stats = self.stats
+        alerts = self.advance(ts) if ts >= self._next_tick else []
+        if ts > stats.watermark:
+            stats.watermark = ts
+        elif ts < stats.watermark - self.allowed_lateness:
+            stats.late_events += 1
+        cost = ev.cost_usd
+        if cost is None:
+            cost = self.catalog.cost(ev.model, ev.input_tokens, ev.output_tokens, ev.cached_input_tokens or 0)
+            if cost == 0.0 and self.catalog.lookup(ev.model) is None:
+                stats.unpriced_events += 1
+        stats.events += 1
+        stats.spend_by_team[ev.team] += cost
+        for det in self.detectors:
+            det.observe(ev, ts, cost)
+        return alerts
+
+    def advance(self, now: float) -> list[Alert]:
+        """Run every tick boundary up to event time ``now``."""
+        if self._next_tick == math.inf:
+            self._start(now)
+            return []
+        alerts: list[Alert] = []
+        tick = self.tick_seconds
+        if now - self._next_tick > 3600:
+            # A long silence: judge once at its end instead of ticking through it.
+            self._next_tick = math.floor(now / tick) * tick
+        while self._next_tick <= now:
+            alerts.extend(self._tick(self._next_tick))
+            self._next_tick += tick
+        return alerts
+
+    def finish(self) -> list[Alert]:
+        """Judge once more at the last event time (the end of a replay). Open incidents stay open."""
+        if self._next_tick == math.inf:
+            return []
+        return self._tick(self.stats.watermark)
+
+    def _start(self, now: float) -> None:
+        tick = self.tick_seconds
+        self.stats.first_ts = now
+        self._next_tick = math.floor(now / tick) * tick + tick
+        self._due = [math.floor(now / d.interval) * d.interval + d.interval for d in self.detectors]
+        self._next_evict = now + self.evict_every
+
+    def _tick(self, now: float) -> list[Alert]:
+        findings: list[Finding] = []
+        for i, det in enumerate(self.detectors):
+            if now >= self._due[i]:
+                findings.extend(det.evaluate(now))
+                interval = det.interval
+                self._due[i] = math.floor(now / interval) * interval + interval
+        alerts = self.book.observe(findings) if findings else []
+        alerts.extend(self.book.tick(now))
+        if alerts:
+            self._sync_pins()
+            for a in alerts:
+                self.stats.alerts[(a.kind.value, a.status.value)] += 1
+        if now >= self._next_evict:
+            for det in self.detectors:
+                det.evict(now)
+            self._next_evict = now + self.evict_every
+        return alerts
+
+    def _sync_pins(self) -> None:
+        """Keep the state of entities with an open incident, however idle, until it resolves."""
+        wanted = self.book.open_entities()
+        for entity in wanted - self._pinned:
+            for det in self.detectors:
+                det.pin(entity, True)
+        for entity in self._pinned - wanted:
+            for det in self.detectors:
+                det.pin(entity, False)
+        self._pinned = wanted
+
+    def entity_count(self) -> int:
+        return sum(det.entity_count() for det in self.detectors)
+
+    def snapshot(self) -> bytes:
+        """Everything learned and every open incident, as bytes a restarted worker restores."""
+        return pickle.dumps((SNAPSHOT_VERSION, self), protocol=pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def restore(blob: bytes) -> Engine:
+        version, engine = pickle.loads(blob)
+        if version != SNAPSHOT_VERSION or not isinstance(engine, Engine):
+            raise ValueError(f"snapshot version {version} is not {SNAPSHOT_VERSION}")
+        return engine

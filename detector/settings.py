@@ -1,0 +1,101 @@
+"""One typed settings object, from a TOML file and ``STORMWATCH_*`` environment variables.
+
+Environment variables win over the file (``STORMWATCH_TEAMS__SEARCH__MONTHLY_BUDGET_USD=5000``).
+A bad value is refused at start, naming the field:
+
+>>> Settings.model_validate({"detectors": {"retry_storm": {"rate_ratio": "lots"}}})
+Traceback (most recent call last):
+...
+pydantic_core._pydantic_core.ValidationError: 1 validation error for Settings
+detectors.retry_storm.rate_ratio
+  Input should be a valid number, unable to parse string as a number [type=float_parsing, ...
+...
+"""
+
+from __future__ import annotations
+
+import inspect
+import tomllib
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from detector.detectors.agent_loop import AgentLoop
+from detector.detectors.budget_burn import BudgetBurn
+from detector.detectors.cost_spike import CostSpike
+from detector.detectors.retry_storm import RetryStorm
+from detector.pricing import ModelPrices
+
+TUNABLE = {cls.name: cls for cls in (CostSpike, RetryStorm, AgentLoop, BudgetBurn)}
+_NOT_TUNABLE = {"self", "budgets", "spent_to_date"}  # budgets come from [teams.*]
+
+
+def _params_model(cls: type) -> type[BaseModel]:
+    """A pydantic model of a detector's constructor arguments: one source of truth for both."""
+    hints = get_type_hints(cls.__init__)  # type: ignore[misc]
+    fields: dict[str, Any] = {
+        name: (hints[name], p.default)
+        for name, p in inspect.signature(cls.__init__).parameters.items()  # type: ignore[misc]
+        if name not in _NOT_TUNABLE
+    }
+    return create_model(f"{cls.__name__}Params", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+PARAMS = {name: _params_model(cls) for name, cls in TUNABLE.items()}
+DetectorParams: type[BaseModel] = create_model(
+    "DetectorParams",
+    __config__=ConfigDict(extra="forbid"),
+    **{name: (model, Field(default_factory=model)) for name, model in PARAMS.items()},  # type: ignore[call-overload]
+)
+
+
+class TeamSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    monthly_budget_usd: float | None = Field(default=None, gt=0, description="Enables budget_burn for the team.")
+    spent_to_date_usd: float = Field(default=0.0, ge=0, description="Month-to-date spend before Stormwatch started.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STORMWATCH_", env_nested_delimiter="__", extra="forbid", frozen=True)
+
+    teams: dict[str, TeamSettings] = Field(default_factory=dict, description="Per-team budgets, keyed by team.")
+    pricing: dict[str, ModelPrices] = Field(
+        default_factory=dict, description="Price overrides and additions, USD per 1M tokens, by model-name prefix."
+    )
+    detectors: DetectorParams = Field(
+        default_factory=DetectorParams,
+        description="Per-detector parameters, named as the detector's constructor arguments.",
+    )
+    tick_seconds: float = Field(default=5.0, gt=0, description="Event-time step at which detectors are judged.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The config file arrives as init values; the environment overrides it.
+        return env_settings, init_settings
+
+    def detector_params(self, name: str) -> dict[str, Any]:
+        """The parameters set for detector ``name`` (only those set; the rest keep their defaults)."""
+        params: BaseModel = getattr(self.detectors, name)
+        return params.model_dump(exclude_unset=True)
+
+    def budgets(self) -> dict[str, float]:
+        return {t: s.monthly_budget_usd for t, s in self.teams.items() if s.monthly_budget_usd is not None}
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Settings from a TOML file (optional) overlaid by the environment."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    return Settings(**data)

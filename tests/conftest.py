@@ -1,0 +1,41 @@
+"""Shared builders for tests: events with sensible defaults, in event time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from detector.events import UsageEvent
+
+T0 = 1_793_952_000.0  # 2026-11-06 08:00 UTC, a Friday morning
+
+
+def make_event(t: float, **fields: Any) -> UsageEvent:
+    base: dict[str, Any] = {
+        "event_id": f"e-{t:.3f}-{fields.get('session_id', '')}-{fields.get('retry_attempt', 0)}",
+        "timestamp": t,
+        "team": "search",
+        "api_key_id": "key-1",
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "operation": "chat",
+        "input_tokens": 1000,
+        "output_tokens": 200,
+        "status": "ok",
+    }
+    base.update(fields)
+    return UsageEvent.model_validate(base)
+
+
+def steady(start: float, seconds: float, every: float, **fields: Any) -> Iterator[UsageEvent]:
+    t = start
+    while t < start + seconds:
+        yield make_event(t, **fields)
+        t += every
+
+
+@pytest.fixture
+def ev():  # type: ignore[no-untyped-def]
+    return make_event

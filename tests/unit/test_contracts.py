@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from detector import schemas
+from detector.events import CONTRACTS, UsageEvent
+
+ROOT = Path(__file__).resolve().parents[2]
+
+GOOD = {
+    "event_id": "e1", "timestamp": "2026-11-02T09:30:00+01:00", "team": "search", "api_key_id": "k1",
+    "provider": "openai", "model": "gpt-4o", "operation": "chat", "input_tokens": 1200,
+    "output_tokens": 300, "status": "ok",
+}
+
+
+def test_checked_in_schemas_match_the_models() -> None:
+    assert schemas.drift(ROOT / "schemas") == []
+
+
+def test_drift_is_detected(tmp_path: Path) -> None:
+    schemas.write(tmp_path)
+    (tmp_path / "alert.v1.json").write_text("{}")
+    assert schemas.drift(tmp_path) == ["alert.v1.json"]
+
+
+def test_every_contract_has_a_schema_with_its_id() -> None:
+    for name in CONTRACTS:
+        schema = json.loads((ROOT / "schemas" / name).read_text())
+        assert schema["$id"].endswith(name)
+
+
+def test_timestamp_is_normalised_to_utc_and_unknown_fields_ignored() -> None:
+    ev = UsageEvent.model_validate({**GOOD, "colour": "blue"})
+    assert ev.timestamp.isoformat() == "2026-11-02T08:30:00+00:00"
+    assert not hasattr(ev, "colour")
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"timestamp": "2026-11-02T09:30:00"}, "timestamp"),  # no offset: ambiguous
+        ({"input_tokens": -1}, "input_tokens"),
+        ({"output_tokens": 10**9}, "output_tokens"),
+        ({"status": "exploded"}, "status"),
+        ({"team": ""}, "team"),
+        ({"cached_input_tokens": 5000}, "cached_input_tokens"),
+        ({"reasoning_tokens": 301}, "reasoning_tokens"),
+        ({"cost_usd": -0.5}, "cost_usd"),
+    ],
+)
+def test_bad_events_are_refused_naming_the_field(change: dict[str, object], field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        UsageEvent.model_validate({**GOOD, **change})
+    assert field in str(info.value)
+
+
+def test_required_fields_are_required() -> None:
+    for name in ("event_id", "timestamp", "team", "api_key_id", "provider", "model", "operation",
+                 "input_tokens", "output_tokens", "status"):
+        with pytest.raises(ValidationError):
+            UsageEvent.model_validate({k: v for k, v in GOOD.items() if k != name})
