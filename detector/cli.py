@@ -191,7 +191,7 @@ def run_replay(
 
 def _replay(args: argparse.Namespace) -> int:
     to_stdout = args.alerts_out == "-"
-    console = None if args.quiet else Console(stderr=to_stdout or not sys.stdout.isatty())
+    console = None if args.quiet else Console(stderr=to_stdout)
     rejects = args.rejects_out or (
         Path(args.alerts_out).with_name("rejects.jsonl")
         if args.alerts_out and not to_stdout

@@ -91,7 +91,12 @@ class Engine:
         """Observe one event; returns the alerts that became due up to its event time."""
         ts = ev.timestamp.timestamp()
         stats = self.stats
-        alerts = self.advance(ts) if ts >= self._next_tick else []
+        if ts >= self._next_tick:
+            alerts = self.advance(ts)
+        else:
+            alerts = []
+            if self._next_tick == math.inf:
+                self._start(ts)
         if ts > stats.watermark:
             stats.watermark = ts
         elif ts < stats.watermark - self.allowed_lateness:
@@ -109,9 +114,6 @@ class Engine:
 
     def advance(self, now: float) -> list[Alert]:
         """Run every tick boundary up to event time ``now``."""
-        if self._next_tick == math.inf:
-            self._start(now)
-            return []
         alerts: list[Alert] = []
         tick = self.tick_seconds
         if now - self._next_tick > 3600:

@@ -1,19 +1,16 @@
 # Stormwatch test Kafka broker (see deploy/kafka/README.md).
 # Include from the top-level Makefile:   include deploy/kafka/kafka.mk
 #
-#   make kafka-build                      fetch the Kafka jars from Maven Central (once)
-#   make kafka-up                         start on 127.0.0.1:9092 (fresh data), wait until ready
-#   make kafka-up STORMWATCH_KAFKA_PORT=0 pick a free port (printed as the last line)
-#   make kafka-down                       stop it
+#   make kafka-build     fetch the Kafka jars (offline from ~/.m2 if possible, else Maven Central)
+#   make kafka-up        start on 127.0.0.1:$(KAFKA_PORT) (default 19092), fresh data, wait until ready
+#   make kafka-down      stop it (idempotent)
 #   make kafka-status
 #
-# Variables are namespaced (not KAFKA_PORT) because Docker-style links export
-# KAFKA_PORT=tcp://... into environments.
+# Settings come from the environment or the make command line, e.g.
+#   make kafka-up KAFKA_PORT=19192 KAFKA_RUN_DIR=/tmp/k
+# (KAFKA_PORT, KAFKA_CONTROLLER_PORT, KAFKA_RUN_DIR, KAFKA_HEAP_OPTS, KAFKA_START_TIMEOUT, ...).
 
-KAFKA_MK_DIR := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
-KAFKA_SH := $(KAFKA_MK_DIR)/kafka.sh
-STORMWATCH_KAFKA_PORT ?= 9092
-STORMWATCH_KAFKA_DIR ?= $(KAFKA_MK_DIR)/run
+KAFKA_SH := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))/kafka.sh
 
 # Do not let these targets become the default goal when included near the top.
 _kafka_mk_saved_goal := $(.DEFAULT_GOAL)
@@ -24,12 +21,13 @@ kafka-build:
 	@'$(KAFKA_SH)' build
 
 kafka-up:
-	@'$(KAFKA_SH)' up --port '$(STORMWATCH_KAFKA_PORT)' --dir '$(STORMWATCH_KAFKA_DIR)'
+	@'$(KAFKA_SH)' up
 
 kafka-down:
-	@'$(KAFKA_SH)' down --dir '$(STORMWATCH_KAFKA_DIR)'
+	@'$(KAFKA_SH)' down
 
+# Exit code 3 (stopped) is not a make error.
 kafka-status:
-	@'$(KAFKA_SH)' status --dir '$(STORMWATCH_KAFKA_DIR)'
+	@'$(KAFKA_SH)' status || true
 
 .DEFAULT_GOAL := $(_kafka_mk_saved_goal)

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# Stormwatch test Kafka: a real single-node Apache Kafka 4.x broker (KRaft, combined
-# broker+controller) on 127.0.0.1, built from Maven Central jars (see pom.xml).
+# Stormwatch test Kafka: a real single-node Apache Kafka 4.1 broker (KRaft, combined
+# broker+controller) on 127.0.0.1, run from Maven Central jars (see pom.xml).
 #
-#   kafka.sh build                           fetch jars into target/lib (once; stamp-keyed)
-#   kafka.sh up   [--port N] [--dir DIR] [--timeout S]
-#                                            start (fresh data) and wait until it serves
-#                                            metadata; --port 0 picks a free port.
-#                                            Last stdout line: the bootstrap address.
-#   kafka.sh down [--dir DIR]                SIGTERM, wait up to 30 s, then SIGKILL
-#   kafka.sh status [--dir DIR]              exit 0 running, 1 not answering, 3 stopped
+#   kafka.sh build     fetch the jars into target/lib (no-op when up to date)
+#   kafka.sh up        build if needed, format fresh storage, start in the background,
+#                      wait until it serves metadata; prints the bootstrap address.
+#                      No-op success when already running.
+#   kafka.sh down      SIGTERM, then SIGKILL after KAFKA_STOP_TIMEOUT s; idempotent
+#   kafka.sh status    prints running/stopped; exit 0 running, 1 unhealthy, 3 stopped
 #
-# Only the bootstrap address goes to stdout; all chatter goes to stderr, so
-#   BOOTSTRAP=$(deploy/kafka/kafka.sh up --port 0)
-# works. Env overrides: STORMWATCH_KAFKA_PORT, STORMWATCH_KAFKA_DIR,
-# STORMWATCH_KAFKA_TIMEOUT, STORMWATCH_KAFKA_HEAP_OPTS, STORMWATCH_KAFKA_JVM_OPTS, JAVA_HOME.
+# Env: KAFKA_PORT (19092), KAFKA_CONTROLLER_PORT (KAFKA_PORT+1, so 19093 by default),
+#      KAFKA_RUN_DIR (deploy/kafka/run), KAFKA_HEAP_OPTS (-Xms256m -Xmx512m),
+#      KAFKA_START_TIMEOUT (90), KAFKA_STOP_TIMEOUT (20), KAFKA_JVM_OPTS, JAVA_HOME.
+# KAFKA_PORT=0 picks two free adjacent ports.
+# Only the bootstrap address goes to stdout (BOOTSTRAP=$(kafka.sh up) works);
+# everything else goes to stderr.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -24,23 +25,29 @@ TOOLS_LOG4J="$HERE/log4j2-tools.properties"
 BROKER_LOG4J="$HERE/log4j2.properties"
 JAVA="${JAVA_HOME:+$JAVA_HOME/bin/}java"
 
-PORT="${STORMWATCH_KAFKA_PORT:-9092}"
-DIR="${STORMWATCH_KAFKA_DIR:-$HERE/run}"
-TIMEOUT="${STORMWATCH_KAFKA_TIMEOUT:-90}"
-STOP_TIMEOUT=30
-HEAP_OPTS="${STORMWATCH_KAFKA_HEAP_OPTS:--Xms256m -Xmx512m}"
-EXTRA_JVM_OPTS="${STORMWATCH_KAFKA_JVM_OPTS:-}"
+PORT="${KAFKA_PORT:-19092}"
+CPORT="${KAFKA_CONTROLLER_PORT:-}"
+DIR="${KAFKA_RUN_DIR:-$HERE/run}"
+START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
+STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-20}"
+HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m}"
+EXTRA_JVM_OPTS="${KAFKA_JVM_OPTS:-}"
 
 log() { printf 'kafka: %s\n' "$*" >&2; }
 die() { printf 'kafka: ERROR: %s\n' "$*" >&2; exit 1; }
-
-usage() {
-    sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-    exit "${1:-2}"
-}
-
+usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+check_env() {
+    # Docker links / CI service containers export KAFKA_PORT=tcp://host:9092; refuse clearly.
+    if ! [[ "$PORT" =~ ^[0-9]+$ ]] || (( PORT > 65534 )); then
+        die "KAFKA_PORT must be a port number (0 = pick free ones), got '$PORT'"
+    fi
+    [[ -z "$CPORT" || "$CPORT" =~ ^[0-9]+$ ]] || die "KAFKA_CONTROLLER_PORT must be a port number, got '$CPORT'"
+    [[ "$START_TIMEOUT" =~ ^[0-9]+$ ]] || die "bad KAFKA_START_TIMEOUT: $START_TIMEOUT"
+    [[ "$STOP_TIMEOUT" =~ ^[0-9]+$ ]] || die "bad KAFKA_STOP_TIMEOUT: $STOP_TIMEOUT"
+}
 
 need_java() {
     command -v "$JAVA" >/dev/null 2>&1 || die "java not found (need Java 17+; set JAVA_HOME)"
@@ -49,97 +56,80 @@ need_java() {
 # ---------------------------------------------------------------- build
 
 build_hash() {
-    # Key the stamp on everything that changes the contents of target/lib.
-    (
-        cd "$HERE"
-        { cat pom.xml; find src -type f -name '*.java' -print0 | sort -z | xargs -0 -r cat; } | sha256sum | cut -d' ' -f1
-    )
+    # Stamp is keyed on everything that changes target/lib.
+    ( cd "$HERE" && { cat pom.xml; find src -type f -name '*.java' -print0 | sort -z | xargs -0 -r cat; } \
+        | sha256sum | cut -d' ' -f1 )
 }
 
 build_complete() {
-    [[ -f "$STAMP" ]] && [[ "$(cat "$STAMP")" == "$(build_hash)" ]] \
+    [[ -f "$STAMP" && "$(cat "$STAMP")" == "$(build_hash)" ]] \
         && compgen -G "$LIB/kafka_2.13-*.jar" >/dev/null \
         && [[ -f "$LIB/stormwatch-kafka-probe.jar" ]]
 }
 
 cmd_build() {
-    [[ $# -eq 0 ]] || die "build takes no arguments"
     need_java
-    if build_complete; then
-        log "jars up to date in $LIB"
-        return 0
-    fi
+    build_complete && return 0
     command -v mvn >/dev/null 2>&1 || die "mvn not found (need Maven 3.8+)"
     mkdir -p "$HERE/target"
-    # Serialize concurrent builds (parallel test workers all calling `up`).
+    # Serialize concurrent builds (several test sessions calling `up` at once).
     exec 8>"$HERE/target/.build.lock"
     flock -w 600 8 || die "timed out waiting for another build"
-    if build_complete; then
-        log "jars up to date in $LIB"
-        exec 8>&-
-        return 0
+    if ! build_complete; then
+        local t0 mvnlog="$HERE/target/mvn-build.log"
+        t0="$(now)"
+        rm -rf "$LIB" "$STAMP"   # no stale jars from an older pom on the classpath
+        # Offline first (works when ~/.m2 already has everything), else fetch from Maven Central.
+        if mvn -q -B -o -f "$HERE/pom.xml" package >"$mvnlog" 2>&1; then
+            log "built offline from the local Maven repository"
+        else
+            log "building: mvn -q -B package (downloads Kafka jars from Maven Central)"
+            if ! mvn -q -B -f "$HERE/pom.xml" package >"$mvnlog" 2>&1; then
+                cat "$mvnlog" >&2
+                die "mvn package failed (log: $mvnlog)"
+            fi
+        fi
+        build_hash >"$STAMP"
+        log "built $(find "$LIB" -name '*.jar' | wc -l) jars in $(elapsed "$t0")s -> $LIB"
     fi
-    local t0
-    t0="$(now)"
-    log "building: mvn -q -B package (downloads Kafka jars from Maven Central on a cold cache)"
-    rm -rf "$LIB" "$STAMP"   # no stale jars from an older pom on the classpath
-    # Maven output goes to a file (Debian's Maven 3.8 prints stray ANSI codes even with -B);
-    # it is shown only when the build fails.
-    if ! mvn -q -B -f "$HERE/pom.xml" package >"$HERE/target/mvn-build.log" 2>&1; then
-        cat "$HERE/target/mvn-build.log" >&2
-        die "mvn package failed (log: $HERE/target/mvn-build.log)"
-    fi
-    build_hash >"$STAMP"
-    log "built $(find "$LIB" -name '*.jar' | wc -l) jars in $(elapsed "$t0")s -> $LIB"
     exec 8>&-
 }
 
 # ---------------------------------------------------------------- helpers
 
-# True if something accepts TCP connections on 127.0.0.1:$1.
-port_open() {
+port_open() {  # something accepts TCP connections on 127.0.0.1:$1
     timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
 }
 
 pick_free_port() {
-    # Kafka needs two adjacent ports (PLAINTEXT=p, CONTROLLER=p+1). Stay below the Linux
-    # ephemeral range (32768+) so outgoing connections cannot grab them.
+    # Two adjacent free ports below the Linux ephemeral range (32768+).
     local p i
     for i in $(seq 1 200); do
         p=$(( 20000 + (RANDOM * 32768 + RANDOM) % 12000 ))
-        if ! port_open "$p" && ! port_open $((p + 1)); then
-            echo "$p"
-            return 0
-        fi
+        if ! port_open "$p" && ! port_open $((p + 1)); then echo "$p"; return 0; fi
     done
     die "could not find two free adjacent ports"
 }
 
-# pid of our broker for $DIR if it is alive (and really is our broker), else nothing.
-running_pid() {
-    local pidfile="$DIR/kafka.pid" pid
-    [[ -f "$pidfile" ]] || return 1
-    pid="$(cat "$pidfile" 2>/dev/null || true)"
-    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-    kill -0 "$pid" 2>/dev/null || return 1
-    # Guard against pid reuse: the process must be kafka.Kafka with our config.
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "kafka.Kafka $DIR/server.properties" || return 1
-    echo "$pid"
-}
-
-resolve_dir() {
-    mkdir -p "$DIR"
-    DIR="$(cd "$DIR" && pwd -P)"
-}
+resolve_dir() { mkdir -p "$DIR"; DIR="$(cd "$DIR" && pwd -P)"; }
 
 lock_dir() {
     exec 9>"$DIR/.lock"
     flock -w 180 9 || die "timed out waiting for another kafka.sh on $DIR"
 }
 
+# pid of the broker of $DIR if alive (and really our kafka.Kafka, not a reused pid).
+running_pid() {
+    local pid
+    [[ -f "$DIR/kafka.pid" ]] || return 1
+    pid="$(cat "$DIR/kafka.pid" 2>/dev/null || true)"
+    [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "kafka.Kafka $DIR/server.properties" || return 1
+    echo "$pid"
+}
+
 new_cluster_id() {
-    # Kafka cluster ids are 16 random bytes, base64url without padding (22 chars).
-    # Kafka's own generator avoids a leading '-' (CLI parsing); so do we.
+    # 16 random bytes, base64url without padding (22 chars); no leading '-' (CLI parsing).
     local id
     while :; do
         id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
@@ -148,28 +138,27 @@ new_cluster_id() {
 }
 
 write_config() {
-    local port="$1" cport=$(( $1 + 1 ))
     cat >"$DIR/server.properties" <<EOF
-# Generated by deploy/kafka/kafka.sh for tests. Do not edit: rewritten on every \`up\`.
+# Generated by deploy/kafka/kafka.sh for tests; rewritten on every \`up\`.
 process.roles=broker,controller
 node.id=1
 # Dynamic KRaft quorum (KIP-853): storage is formatted with --standalone.
-controller.quorum.bootstrap.servers=127.0.0.1:$cport
+controller.quorum.bootstrap.servers=127.0.0.1:$CPORT
 controller.listener.names=CONTROLLER
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 
 log.dirs=$DIR/data
-num.partitions=3
+num.partitions=4
 default.replication.factor=1
 min.insync.replicas=1
 auto.create.topics.enable=false
 delete.topic.enable=true
 group.initial.rebalance.delay.ms=0
 
-# Internal topics: one replica, few partitions (fast first group join / first txn).
+# Internal topics: one replica, few partitions (fast first group join / first transaction).
 offsets.topic.replication.factor=1
 offsets.topic.num.partitions=3
 transaction.state.log.replication.factor=1
@@ -189,15 +178,13 @@ EOF
 }
 
 log_tail() {
-    if [[ -f "$DIR/kafka.log" ]]; then
-        echo "----- last 60 lines of $DIR/kafka.log -----" >&2
-        tail -n 60 "$DIR/kafka.log" >&2 || true
-        echo "-----" >&2
-    fi
+    [[ -f "$DIR/kafka.log" ]] || return 0
+    echo "----- last 60 lines of $DIR/kafka.log -----" >&2
+    tail -n 60 "$DIR/kafka.log" >&2 || true
+    echo "-----" >&2
 }
 
-# Stop pid: SIGTERM, wait up to STOP_TIMEOUT s, then SIGKILL.
-stop_pid() {
+stop_pid() {  # SIGTERM, wait up to STOP_TIMEOUT s, then SIGKILL
     local pid="$1" i
     kill -TERM "$pid" 2>/dev/null || return 0
     for ((i = 0; i < STOP_TIMEOUT * 5; i++)); do
@@ -213,18 +200,17 @@ stop_pid() {
     die "pid $pid survived SIGKILL"
 }
 
-# Run the readiness probe (one JVM) while watching the broker pid.
+# Wait (while watching the broker pid) until the broker serves metadata.
 wait_ready() {
     local pid="$1" bootstrap="$2" deadline="$3" probe rc remaining port="${2##*:}"
-    # Cheap phase: wait for the listener to accept TCP connections.
-    until port_open "$port"; do
+    until port_open "$port"; do   # cheap phase: listener accepts TCP
         kill -0 "$pid" 2>/dev/null || { log "broker exited during startup"; return 1; }
         (( $(date +%s) < deadline )) || { log "timed out waiting for $bootstrap to accept connections"; return 1; }
         sleep 0.2
     done
-    # Real phase: metadata answers (describeCluster has the broker, listTopics works).
     remaining=$(( deadline - $(date +%s) ))
     (( remaining > 0 )) || remaining=1
+    # Real phase: describeCluster lists the broker and listTopics works (one small JVM).
     "$JAVA" -Xmx128m -XX:TieredStopAtLevel=1 -Dlog4j2.configurationFile="$TOOLS_LOG4J" \
         -cp "$CP" stormwatch.kafka.WaitReady "$bootstrap" "$remaining" >&2 9>&- &
     probe=$!
@@ -242,89 +228,60 @@ wait_ready() {
     return "$rc"
 }
 
-parse_opts() {
-    # Sets PORT / DIR / TIMEOUT from --port N, --dir DIR, --timeout S (also --x=v).
-    local allowed="$1"
-    shift
-    while [[ $# -gt 0 ]]; do
-        local opt="$1" val
-        case "$opt" in
-            --*=*) val="${opt#*=}"; opt="${opt%%=*}" ;;
-            --port|--dir|--timeout) [[ $# -ge 2 ]] || die "$opt needs a value"; val="$2"; shift ;;
-            -h|--help) usage 0 ;;
-            *) die "unknown argument: $opt" ;;
-        esac
-        [[ " $allowed " == *" $opt "* ]] || die "option $opt not accepted here"
-        case "$opt" in
-            --port) PORT="$val" ;;
-            --dir) DIR="$val" ;;
-            --timeout) TIMEOUT="$val" ;;
-        esac
-        shift
-    done
-    if ! [[ "$PORT" =~ ^[0-9]+$ ]] || (( PORT > 65534 )); then
-        die "bad port: $PORT (0 = pick a free one)"
-    fi
-    [[ "$TIMEOUT" =~ ^[0-9]+$ ]] || die "bad timeout: $TIMEOUT"
-}
-
-# ---------------------------------------------------------------- up
+# ---------------------------------------------------------------- commands
 
 cmd_up() {
-    parse_opts "--port --dir --timeout" "$@"
-    local t0
+    local t0 pid port bootstrap cluster_id p
     t0="$(now)"
-    need_java
     cmd_build
     resolve_dir
     lock_dir
 
-    local pid port bootstrap
     if pid="$(running_pid)"; then
         port="$(cat "$DIR/kafka.port" 2>/dev/null || true)"
         if [[ "$PORT" != 0 && "$PORT" != "$port" ]]; then
-            die "a broker (pid $pid) already runs from $DIR on port $port, not $PORT; run: $0 down --dir $DIR"
+            die "a broker (pid $pid) already runs from $DIR on port $port, not $PORT; run: KAFKA_RUN_DIR=$DIR $0 down"
         fi
         bootstrap="127.0.0.1:$port"
-        if wait_ready "$pid" "$bootstrap" $(( $(date +%s) + TIMEOUT )); then
-            log "already running (pid $pid), nothing to do"
+        if wait_ready "$pid" "$bootstrap" $(( $(date +%s) + START_TIMEOUT )); then
+            log "already running (pid $pid)"
             echo "$bootstrap"
             return 0
         fi
         log_tail
-        die "a broker (pid $pid) runs from $DIR but does not answer on $bootstrap; run: $0 down --dir $DIR"
+        die "a broker (pid $pid) runs from $DIR but does not answer on $bootstrap; run: KAFKA_RUN_DIR=$DIR $0 down"
     fi
     rm -f "$DIR/kafka.pid"
 
     if [[ "$PORT" == 0 ]]; then
         PORT="$(pick_free_port)"
-        log "picked free port $PORT (controller $((PORT + 1)))"
+        CPORT=""
+        log "picked free port $PORT"
     fi
-    local p
-    for p in "$PORT" $((PORT + 1)); do
+    [[ -n "$CPORT" ]] || CPORT=$((PORT + 1))
+    [[ "$CPORT" != "$PORT" ]] || die "KAFKA_PORT and KAFKA_CONTROLLER_PORT must differ"
+    for p in "$PORT" "$CPORT"; do
         if port_open "$p"; then
-            die "port 127.0.0.1:$p is already in use by another process (need $PORT for PLAINTEXT and $((PORT + 1)) for CONTROLLER); try --port 0"
+            die "port 127.0.0.1:$p is already in use (KAFKA_PORT=$PORT, KAFKA_CONTROLLER_PORT=$CPORT)"
         fi
     done
     bootstrap="127.0.0.1:$PORT"
 
     # Fresh state on every start: tests get an empty cluster.
     rm -rf "$DIR/data"
-    write_config "$PORT"
+    write_config
     echo "$PORT" >"$DIR/kafka.port"
-
-    local cluster_id
     cluster_id="$(new_cluster_id)"
     if ! "$JAVA" -Xmx256m -XX:TieredStopAtLevel=1 -Dlog4j2.configurationFile="$TOOLS_LOG4J" -cp "$CP" \
             kafka.tools.StorageTool format -t "$cluster_id" -c "$DIR/server.properties" --standalone \
             >"$DIR/format.log" 2>&1 9>&-; then
         cat "$DIR/format.log" >&2
-        die "kafka-storage format failed (see $DIR/format.log)"
+        die "storage format failed (see $DIR/format.log)"
     fi
 
-    log "starting broker on $bootstrap (dir $DIR)"
-    # setsid: own session, so Ctrl-C / SIGINT to the caller's process group does not hit it.
-    # stdin/stdout/stderr and the lock fd are detached so CI pipes and locks are not held open.
+    log "starting broker on $bootstrap (controller 127.0.0.1:$CPORT, dir $DIR)"
+    # setsid: own session, so Ctrl-C to the caller's process group does not hit it.
+    # stdio and the lock fd are detached so CI pipes and the lock are not held open.
     # shellcheck disable=SC2086
     setsid "$JAVA" $HEAP_OPTS -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError \
         -Djava.awt.headless=true -Dlog4j2.configurationFile="$BROKER_LOG4J" \
@@ -334,36 +291,29 @@ cmd_up() {
     pid=$!
     echo "$pid" >"$DIR/kafka.pid"
 
-    if ! wait_ready "$pid" "$bootstrap" $(( $(date +%s) + TIMEOUT )); then
+    if ! wait_ready "$pid" "$bootstrap" $(( $(date +%s) + START_TIMEOUT )); then
         log_tail
         if kill -0 "$pid" 2>/dev/null; then
             log "stopping the half-started broker (pid $pid)"
             stop_pid "$pid" || true
         fi
         rm -f "$DIR/kafka.pid"
-        die "broker did not come up on $bootstrap (timeout ${TIMEOUT}s; log: $DIR/kafka.log)"
+        die "broker did not come up on $bootstrap within ${START_TIMEOUT}s (log: $DIR/kafka.log)"
     fi
     log "up in $(elapsed "$t0")s: pid $pid, log $DIR/kafka.log"
     echo "$bootstrap"
 }
 
-# ---------------------------------------------------------------- down / status
-
 cmd_down() {
-    parse_opts "--dir" "$@"
-    if [[ ! -d "$DIR" ]]; then
-        log "not running (no $DIR)"
-        return 0
-    fi
+    local pid t0
+    if [[ ! -d "$DIR" ]]; then log "not running"; return 0; fi
     resolve_dir
     lock_dir
-    local pid
     if ! pid="$(running_pid)"; then
         rm -f "$DIR/kafka.pid"
         log "not running"
         return 0
     fi
-    local t0
     t0="$(now)"
     stop_pid "$pid"
     rm -f "$DIR/kafka.pid"
@@ -371,17 +321,10 @@ cmd_down() {
 }
 
 cmd_status() {
-    parse_opts "--dir" "$@"
-    if [[ ! -d "$DIR" ]]; then
-        echo "stopped"
-        return 3
-    fi
-    resolve_dir
     local pid port
-    if ! pid="$(running_pid)"; then
-        echo "stopped"
-        return 3
-    fi
+    if [[ ! -d "$DIR" ]]; then echo "stopped"; return 3; fi
+    resolve_dir
+    if ! pid="$(running_pid)"; then echo "stopped"; return 3; fi
     port="$(cat "$DIR/kafka.port" 2>/dev/null || echo '?')"
     if port_open "$port"; then
         echo "running pid=$pid bootstrap=127.0.0.1:$port log=$DIR/kafka.log"
@@ -391,16 +334,12 @@ cmd_status() {
     return 1
 }
 
-# ---------------------------------------------------------------- main
-
-[[ $# -ge 1 ]] || usage 2
-cmd="$1"
-shift
-case "$cmd" in
-    build) cmd_build "$@" ;;
-    up|start) cmd_up "$@" ;;
-    down|stop) cmd_down "$@" ;;
-    status) cmd_status "$@" ;;
+[[ $# -eq 1 ]] || usage 2
+case "$1" in
+    build) check_env; cmd_build ;;
+    up|start) check_env; cmd_up ;;
+    down|stop) check_env; cmd_down ;;
+    status) cmd_status ;;
     -h|--help|help) usage 0 ;;
-    *) log "unknown command: $cmd"; usage 2 ;;
+    *) log "unknown command: $1"; usage 2 ;;
 esac

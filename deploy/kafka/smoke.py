@@ -1,7 +1,9 @@
 """Smoke check for the test broker started by deploy/kafka/kafka.sh.
 
-    BOOTSTRAP=$(deploy/kafka/kafka.sh up --port 0)
-    .venv/bin/python deploy/kafka/smoke.py "$BOOTSTRAP"
+    deploy/kafka/kafka.sh up
+    .venv/bin/python deploy/kafka/smoke.py [BOOTSTRAP]
+
+BOOTSTRAP defaults to $KAFKA_BOOTSTRAP, else 127.0.0.1:$KAFKA_PORT (19092).
 
 Creates a topic with AIOKafkaAdminClient, produces N messages, consumes them back in a
 consumer group (committing offsets), deletes the topic, and checks that aiokafka runs
@@ -11,11 +13,13 @@ its C record extension. Exit 0 on success. Not a pytest module on purpose.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 import uuid
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import util as aiokafka_util
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.record import default_records, legacy_records, memory_records
 
@@ -30,7 +34,9 @@ def c_extension_in_use() -> bool:
         legacy_records.LegacyRecordBatchBuilder,
         memory_records.MemoryRecords,
     )
-    return all(c.__module__.startswith("aiokafka.record._crecords.") for c in classes)
+    return not aiokafka_util.NO_EXTENSIONS and all(
+        c.__module__.startswith("aiokafka.record._crecords.") for c in classes
+    )
 
 
 async def main(bootstrap: str, n: int = 1000) -> None:
@@ -98,4 +104,5 @@ async def main(bootstrap: str, n: int = 1000) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:9092"))
+    default = os.environ.get("KAFKA_BOOTSTRAP") or f"127.0.0.1:{os.environ.get('KAFKA_PORT', '19092')}"
+    asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else default))

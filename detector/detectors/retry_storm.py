@@ -3,12 +3,13 @@
 Per api_key and per agent, 5-second slots count attempts, failures and *deep* retries
 (``retry_attempt`` at or past ``deep_attempt``). A storm is, over the last 20 seconds:
 
-* most attempts fail (``min_failure_share``, 0.5: partial storms bill their successes), and
-* attempts run at ``rate_ratio`` x the entity's learned normal rate or more, and
+* many attempts fail (``min_failure_share``, 0.4: partial storms bill their successes, and the
+  entity's healthy traffic goes on beside the storm), and
+* attempts run at ``rate_ratio`` x the entity's learned normal rate or more, with the failures
+  alone at half that, and
 * either deep retries come at least ``deep_ratio`` x as fast as the entity's normal calls
   (a client with no backoff climbs to attempt 20 in seconds; proper exponential backoff
-  reaches attempt 5 only after half a minute), or the first two hold for ``sustain_seconds``
-  (for clients that do not report ``retry_attempt``).
+  reaches attempt 5 only after half a minute), or the first two hold for ``sustain_seconds``.
 
 A one-minute provider-wide 429 blip answered with exponential backoff stays below both.
 
@@ -55,6 +56,7 @@ class AttemptRing(SlotRing):
         "attempts",
         "deep",
         "failures",
+        "hot_last",
         "hot_since",
         "max_attempt",
         "normal",
@@ -69,6 +71,7 @@ class AttemptRing(SlotRing):
         # Attempts per slot; half-life 30 min of slots; a storm cannot drag it up fast.
         self.normal = GatedLevel(half_life=360, max_step=1.5)
         self.hot_since = math.inf
+        self.hot_last = -math.inf
         self.quiet_until = -math.inf
 
     def on_close(self, slot: int, idx: int) -> None:
@@ -85,11 +88,11 @@ class RetryStorm(EntityStores):
     def __init__(
         self,
         entity_types: tuple[EntityType, ...] = ("api_key", "agent"),
-        min_failure_share: float = 0.5,
+        min_failure_share: float = 0.4,
         rate_ratio: float = 3.0,
         deep_attempt: int = 5,
         deep_ratio: float = 2.0,
-        sustain_seconds: float = 120.0,
+        sustain_seconds: float = 30.0,
         min_failures: int = 10,
         min_normal_per_minute: float = 2.0,
         interval: float = 5.0,
@@ -163,15 +166,18 @@ class RetryStorm(EntityStores):
         slots = WINDOW_SLOTS
         failures = st.closed("failures", slots)
         if failures < self.min_failures:
-            st.hot_since = math.inf
+            if now - st.hot_last > 2 * SLOT * slots:
+                st.hot_since = math.inf
             return None
         attempts = st.closed("attempts", slots)
         normal = max(st.normal.mean, self.min_normal_per_minute * SLOT / 60) * slots
         share = failures / attempts
         ratio = attempts / normal
-        if share < self.min_failure_share or ratio < self.rate_ratio:
-            st.hot_since = math.inf
+        if share < self.min_failure_share or ratio < self.rate_ratio or failures < 0.5 * self.rate_ratio * normal:
+            if now - st.hot_last > 2 * SLOT * slots:
+                st.hot_since = math.inf
             return None
+        st.hot_last = now
         if st.hot_since == math.inf:
             st.hot_since = now - slots * SLOT
         deep = st.closed("deep", slots)
