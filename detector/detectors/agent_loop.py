@@ -43,12 +43,15 @@ MIN_OUTPUT_TOKENS = 20  # below this, identical outputs ("ok", a label) say noth
 class AgentNorms:
     """What one agent's sessions normally need: steps and dollars, 95th percentile."""
 
-    __slots__ = ("cost_p95", "sessions", "steps_p95")
+    __slots__ = ("cost_p95", "limit_steps", "limit_usd", "sessions", "steps_p95")
 
     def __init__(self) -> None:
         self.steps_p95 = stats.Quantile(0.95)
         self.cost_p95 = stats.Quantile(0.95)
         self.sessions = 0
+        # Past these a session is a runaway; infinite until enough sessions were seen.
+        self.limit_steps = math.inf
+        self.limit_usd = math.inf
 
     def learn(self, steps: int, cost: float) -> None:
         self.steps_p95.update(steps)
@@ -127,6 +130,8 @@ class AgentLoop(EntityStores):
         min_agent_sessions: int = 30,
         session_idle: float = 900.0,
         max_sessions: int = 200_000,
+        agent_ttl: float = 30 * 86400.0,
+        max_agents: int = 50_000,
         interval: float = 5.0,
     ) -> None:
         self.cycle_steps = cycle_steps
@@ -143,9 +148,9 @@ class AgentLoop(EntityStores):
         self.sessions: EntityStore[Session] = EntityStore(
             _new_session, ttl=session_idle, max_entities=max_sessions, on_evict=self._ended
         )
-        self._stores = {"session": self.sessions}
-        self.norms: dict[str, AgentNorms] = {}
-        self._limits: dict[str, tuple[float, float]] = {}  # agent -> (steps, usd) past which it is runaway
+        # Agents are few, but a producer minting agent ids must not grow memory without end.
+        self.norms: EntityStore[AgentNorms] = EntityStore(_new_norms, ttl=agent_ttl, max_entities=max_agents)
+        self._stores = {"session": self.sessions, "agent": self.norms}
         self._looping: set[str] = set()
 
     def observe(self, ev: UsageEvent, ts: float, cost: float) -> None:
@@ -197,9 +202,9 @@ class AgentLoop(EntityStores):
             s.loop_since, s.loop_cost = s.steady_since, s.steady_cost
         elif (
             s.agent is not None
-            and (limit := self._limits.get(s.agent)) is not None
+            and (norms := self.norms.peek(s.agent)) is not None
             # A cost overrun needs many steps too: one giant request is not a loop.
-            and (s.steps >= limit[0] or (s.cost >= limit[1] and s.steps >= limit[0] / 2))
+            and (s.steps >= norms.limit_steps or (s.cost >= norms.limit_usd and s.steps >= norms.limit_steps / 2))
         ):
             self._start_loop(s, "runaway", 0, s.steps)
             s.loop_since, s.loop_cost = s.first, s.cost
@@ -222,7 +227,7 @@ class AgentLoop(EntityStores):
     def _finding(self, sid: str, s: Session, now: float) -> Finding:
         duration = max(s.last - s.loop_since, 1.0)
         rate = s.loop_cost / duration * 3600
-        norms = self.norms.get(s.agent or "")
+        norms = self.norms.peek(s.agent or "")
         typical_steps = _p95(norms.steps_p95) if norms and norms.sessions else math.nan
         pace = s.loop_steps / duration * 60
         agent = f"agent {s.agent}" if s.agent else "a session"
@@ -277,18 +282,11 @@ class AgentLoop(EntityStores):
         self._looping.discard(sid)
         if s.agent is None or s.loop_since != math.inf:
             return
-        norms = self.norms.get(s.agent)
-        if norms is None:
-            norms = self.norms[s.agent] = AgentNorms()
+        norms = self.norms.get(s.agent, s.last)
         norms.learn(s.steps, s.cost)
         if norms.sessions >= self.min_agent_sessions:
-            self._limits[s.agent] = (
-                max(self.runaway_factor * _p95(norms.steps_p95), self.min_runaway_steps),
-                max(self.runaway_factor * _p95(norms.cost_p95), self.min_runaway_usd),
-            )
-
-    def entity_count(self) -> int:
-        return len(self.sessions) + len(self.norms)
+            norms.limit_steps = max(self.runaway_factor * _p95(norms.steps_p95), self.min_runaway_steps)
+            norms.limit_usd = max(self.runaway_factor * _p95(norms.cost_p95), self.min_runaway_usd)
 
 
 def _new_session(key: str, now: float) -> Session:
@@ -298,3 +296,7 @@ def _new_session(key: str, now: float) -> Session:
 def _p95(q: stats.Quantile) -> float:
     value = q.get()
     return float(value) if value is not None else math.nan
+
+
+def _new_norms(key: str, now: float) -> AgentNorms:
+    return AgentNorms()

@@ -248,7 +248,8 @@ def test_sessions_are_forgotten_when_idle() -> None:
     drive(det, _normal_sessions(50, T0))
     det.evict(T0 + 50 * 120 + 3600)
     assert len(det.sessions) == 0
-    assert det.norms["triage"].sessions == 50
+    norms = det.norms.peek("triage")
+    assert norms is not None and norms.sessions == 50
 
 
 # -- budget_burn -------------------------------------------------------------------------------
