@@ -57,7 +57,7 @@ class UsageEvent(BaseModel):
     )
 
     event_id: Id = Field(description="Unique id of this request; used to drop duplicates downstream.")
-    timestamp: UtcDatetime = Field(description="When the request finished, RFC 3339 with a UTC offset.")
+    timestamp: AwareDatetime = Field(description="When the request finished, RFC 3339 with an offset (Z for UTC).")
     team: Id = Field(description="Owning team; alerts are routed to it.")
     api_key_id: Id = Field(description="Id (never the secret) of the API key that made the call.")
     provider: Id = Field(description="openai, anthropic, google, azure, bedrock, ...")

@@ -168,16 +168,23 @@ class SlotRing:
     def window(self, name: str, slots: int) -> float:
         """Sum of the last ``slots`` slots (the current one included)."""
         values: list[float] = getattr(self, name)
-        size, idx = self.size, self.idx
-        return sum(values[(idx - k) % size] for k in range(min(slots, size)))
+        stop = self.idx + 1
+        begin = stop - min(slots, self.size)
+        if begin >= 0:
+            return sum(values[begin:stop])
+        return sum(values[begin:]) + sum(values[:stop])
+
+    def closed_values(self, name: str, slots: int) -> list[float]:
+        """The ``slots`` slots before the current one, which is still filling (oldest first)."""
+        values: list[float] = getattr(self, name)
+        idx = self.idx
+        begin = idx - min(slots, self.size - 1)
+        if begin >= 0:
+            return values[begin:idx]
+        return values[begin:] + values[:idx]
 
     def closed(self, name: str, slots: int) -> float:
-        """Sum of the ``slots`` slots before the current one, which is still filling."""
-        values: list[float] = getattr(self, name)
-        size, idx = self.size, self.idx
-        return sum(values[(idx - k) % size] for k in range(1, min(slots, size - 1) + 1))
+        return sum(self.closed_values(name, slots))
 
     def closed_max(self, name: str, slots: int) -> float:
-        values: list[float] = getattr(self, name)
-        size, idx = self.size, self.idx
-        return max(values[(idx - k) % size] for k in range(1, min(slots, size - 1) + 1))
+        return max(self.closed_values(name, slots))

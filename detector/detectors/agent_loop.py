@@ -71,11 +71,14 @@ class Session:
         "gap",
         "last",
         "last_output",
+        "limit_steps",
+        "limit_usd",
         "loop_cost",
         "loop_kind",
         "loop_period",
         "loop_since",
         "loop_steps",
+        "looping",
         "reported",
         "run1",
         "run2",
@@ -102,7 +105,9 @@ class Session:
         self.steady = 0
         self.steady_since = now
         self.steady_cost = 0.0
+        self.looping = False
         self.loop_kind = ""
+        self.limit_steps = self.limit_usd = math.inf  # the agent's runaway bar when the session began
         self.loop_period = 0
         self.loop_since = math.inf
         self.loop_steps = 0
@@ -159,12 +164,12 @@ class AgentLoop(EntityStores):
             return
         s = self.sessions.get(sid, ts)
         s.cost += cost
-        if s.loop_since != math.inf:
+        if s.looping:
             s.loop_cost += cost
         if ev.retry_attempt:
             return
         if s.steps == 0:
-            s.agent, s.team, s.api_key, s.user = ev.agent_id, ev.team, ev.api_key_id, ev.user
+            self._first_step(s, ev)
         s.steps += 1
         gap, s.last = ts - s.last, ts
         fp = ev.request_fingerprint
@@ -175,42 +180,55 @@ class AgentLoop(EntityStores):
             s.fp1, s.fp2, s.fp3 = fp, s.fp1, s.fp2
         out = ev.output_tokens
         last_out = s.last_output
-        steady = (
+        if (
             out >= MIN_OUTPUT_TOKENS
             and abs(out - last_out) <= self.steady_band * last_out
             and 0.6 * s.gap <= gap <= 1.6 * s.gap
-        )
-        if steady:
+        ):
             s.steady += 1
             s.steady_cost += cost
         else:
             s.steady, s.steady_since, s.steady_cost = 0, ts, cost
         s.last_output, s.gap = out, gap
-        if s.loop_since == math.inf:
-            self._check(s, sid, ts)
-        else:
+        if s.looping:
             s.loop_steps += 1
-        if s.loop_since != math.inf:
+            self._looping.add(sid)
+            return
+        cycle = self.cycle_steps
+        if (
+            s.run1 >= cycle
+            or s.run2 >= cycle
+            or s.run3 >= cycle
+            or s.steady >= self.steady_steps
+            or s.steps >= s.limit_steps
+            or (s.cost >= s.limit_usd and 2 * s.steps >= s.limit_steps)
+        ):
+            self._start(s)
             self._looping.add(sid)
 
-    def _check(self, s: Session, sid: str, ts: float) -> None:
-        period = next((p for p, run in ((1, s.run1), (2, s.run2), (3, s.run3)) if run >= self.cycle_steps), 0)
+    def _first_step(self, s: Session, ev: UsageEvent) -> None:
+        s.agent, s.team, s.api_key, s.user = ev.agent_id, ev.team, ev.api_key_id, ev.user
+        norms = self.norms.peek(ev.agent_id) if ev.agent_id is not None else None
+        if norms is not None:
+            s.limit_steps, s.limit_usd = norms.limit_steps, norms.limit_usd
+
+    def _start(self, s: Session) -> None:
+        cycle = self.cycle_steps
+        period = 1 if s.run1 >= cycle else 2 if s.run2 >= cycle else 3 if s.run3 >= cycle else 0
         if period:
-            self._start_loop(s, "cycle", period, self.cycle_steps + period)
+            self._start_loop(s, "cycle", period, cycle + period)
         elif s.steady >= self.steady_steps:
             self._start_loop(s, "no_progress", 0, s.steady + 1)
             s.loop_since, s.loop_cost = s.steady_since, s.steady_cost
-        elif (
-            s.agent is not None
-            and (norms := self.norms.peek(s.agent)) is not None
-            # A cost overrun needs many steps too: one giant request is not a loop.
-            and (s.steps >= norms.limit_steps or (s.cost >= norms.limit_usd and s.steps >= norms.limit_steps / 2))
-        ):
+        else:
+            # Past the agent's normal steps, or its normal cost with many steps too: one giant
+            # request is not a loop.
             self._start_loop(s, "runaway", 0, s.steps)
             s.loop_since, s.loop_cost = s.first, s.cost
 
     @staticmethod
     def _start_loop(s: Session, kind: str, period: int, steps: int) -> None:
+        s.looping = True
         s.loop_kind, s.loop_period, s.loop_steps = kind, period, steps
         s.loop_since = s.last - (steps - 1) * s.gap
         s.loop_cost = s.cost * min(1.0, steps / max(s.steps, 1))
@@ -280,11 +298,12 @@ class AgentLoop(EntityStores):
     def _ended(self, sid: str, s: Session) -> None:
         """A session went idle: it teaches its agent what a normal session needs."""
         self._looping.discard(sid)
-        if s.agent is None or s.loop_since != math.inf:
+        if s.agent is None or s.looping:
             return
         norms = self.norms.get(s.agent, s.last)
         norms.learn(s.steps, s.cost)
-        if norms.sessions >= self.min_agent_sessions:
+        # The P² estimate moves slowly; refreshing the bar every few sessions is plenty.
+        if norms.sessions >= self.min_agent_sessions and norms.sessions % 4 == 0:
             norms.limit_steps = max(self.runaway_factor * _p95(norms.steps_p95), self.min_runaway_steps)
             norms.limit_usd = max(self.runaway_factor * _p95(norms.cost_p95), self.min_runaway_usd)
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from operator import attrgetter
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from detector.events import AlertKind, Contributor, DetectorRef, Entity, EntityType, Evidence, Severity, UsageEvent
 from detector.state import EntityStore
+
+S = TypeVar("S")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,22 @@ class Detector(Protocol):
     def pin(self, entity: Entity, pinned: bool) -> None: ...
 
     def entity_count(self) -> int: ...
+
+
+KEY_FIELDS: dict[EntityType, str] = {
+    "team": "team",
+    "api_key": "api_key_id",
+    "user": "user",
+    "agent": "agent_id",
+    "session": "session_id",
+    "model": "model",
+}
+"""Which event field names the entity of each type."""
+
+
+def keyed_stores(stores: dict[EntityType, EntityStore[S]]) -> list[tuple[EntityType, EntityStore[S], attrgetter[Any]]]:
+    """(type, store, getter of the event's id for that type), for a tight observe loop."""
+    return [(etype, store, attrgetter(KEY_FIELDS[etype])) for etype, store in stores.items()]
 
 
 class EntityStores:

@@ -29,12 +29,13 @@ Two signals, each against the entity's own learned normal:
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from functools import partial
 from typing import ClassVar
 
-from detector.detectors.base import EntityStores, Finding, top_contributors, usd
+from detector.detectors.base import EntityStores, Finding, keyed_stores, top_contributors, usd
 from detector.events import AlertKind, Contributor, DetectorRef, Entity, EntityType, Evidence, Severity, UsageEvent
 from detector.models import DAY, HOUR, GatedLevel, LogBaseline, SeasonalProfile, SlotRing
 from detector.state import EntityStore
@@ -143,6 +144,7 @@ class CostSpike(EntityStores):
         self._stores: dict[EntityType, EntityStore[SpendRing]] = {
             t: EntityStore(partial(self._new, t), ttl=ttl, max_entities=max_entities) for t in entity_types
         }
+        self._keyed = keyed_stores(self._stores)
         self._teams: dict[tuple[EntityType, str], str] = {}
         self._dirty: set[tuple[EntityType, str]] = set()
 
@@ -151,8 +153,11 @@ class CostSpike(EntityStores):
 
     def observe(self, ev: UsageEvent, ts: float, cost: float) -> None:
         slot = int(ts // SLOT)
-        for etype, store in self._stores.items():
-            key = ev.api_key_id if etype == "api_key" else ev.team if etype == "team" else _attr(ev, etype)
+        recent = (ts, cost, (ev.api_key_id, ev.model, ev.user, ev.agent_id))
+        tokens = ev.input_tokens
+        dirty = self._dirty
+        for etype, store, key_of in self._keyed:
+            key = key_of(ev)
             if key is None:
                 continue
             st = store.get(key, ts)
@@ -161,7 +166,6 @@ class CostSpike(EntityStores):
             i = st.idx
             st.n[i] += 1
             st.cost[i] += cost
-            tokens = ev.input_tokens
             st.tokens[i] += tokens
             if cost > st.top2_cost[i]:
                 if cost > st.top_cost[i]:
@@ -171,10 +175,10 @@ class CostSpike(EntityStores):
                     st.top2_cost[i] = cost
             if tokens > st.top_tokens[i]:
                 st.top_tokens[i] = tokens
-            st.recent.append((ts, cost, (ev.api_key_id, ev.model, ev.user, ev.agent_id)))
+            st.recent.append(recent)
             ident = (etype, key)
-            if ident not in self._dirty:
-                self._dirty.add(ident)
+            if ident not in dirty:
+                dirty.add(ident)
                 self._teams[ident] = ev.team
 
     def evaluate(self, now: float) -> list[Finding]:
@@ -354,17 +358,8 @@ class CostSpike(EntityStores):
         return best
 
 
-def _attr(ev: UsageEvent, etype: EntityType) -> str | None:
-    return {"user": ev.user, "agent": ev.agent_id, "session": ev.session_id, "model": ev.model}.get(etype)
-
-
 def _largest_two(st: SpendRing, slots: int) -> float:
-    size, idx = st.size, st.idx
-    tops = sorted(
-        (v for k in range(1, slots + 1) for v in (st.top_cost[(idx - k) % size], st.top2_cost[(idx - k) % size])),
-        reverse=True,
-    )
-    return sum(tops[:2])
+    return sum(heapq.nlargest(2, st.closed_values("top_cost", slots) + st.closed_values("top2_cost", slots)))
 
 
 def _seasonal_expected(season: SeasonalProfile, now: float) -> float | None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-from detector.detectors.base import EntityStores, Finding, usd
+from detector.detectors.base import EntityStores, Finding, keyed_stores, usd
 from detector.events import AlertKind, DetectorRef, Entity, EntityType, Evidence, Severity, Status, UsageEvent
 from detector.models import DAY, GatedLevel, SlotRing
 from detector.state import EntityStore
@@ -114,14 +114,15 @@ class RetryStorm(EntityStores):
         self._stores: dict[EntityType, EntityStore[AttemptRing]] = {
             t: EntityStore(_new_ring, ttl=ttl, max_entities=max_entities) for t in entity_types
         }
+        self._keyed = keyed_stores(self._stores)
         self._dirty: set[tuple[EntityType, str]] = set()
 
     def observe(self, ev: UsageEvent, ts: float, cost: float) -> None:
         slot = int(ts // SLOT)
         failed = ev.status is not Status.OK
         attempt = ev.retry_attempt
-        for etype, store in self._stores.items():
-            key = ev.api_key_id if etype == "api_key" else ev.agent_id if etype == "agent" else ev.team
+        for etype, store, key_of in self._keyed:
+            key = key_of(ev)
             if key is None:
                 continue
             st = store.get(key, ts)
