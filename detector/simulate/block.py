@@ -232,7 +232,30 @@ def iter_dicts(cols: Columns, chunk: int = 50_000) -> Iterator[dict[str, Any]]:
             b.tool[sl].tolist(),
             strict=True,
         )
-        for eid, ts, team, key, prov, model, op, inp, out, st, user, agent, sess, cached, reas, cost, lat, http, et, retry, fp, tool in rows:  # noqa: E501
+        for (
+            eid,
+            ts,
+            team,
+            key,
+            prov,
+            model,
+            op,
+            inp,
+            out,
+            st,
+            user,
+            agent,
+            sess,
+            cached,
+            reas,
+            cost,
+            lat,
+            http,
+            et,
+            retry,
+            fp,
+            tool,
+        ) in rows:
             d: dict[str, Any] = {
                 "event_id": eid,
                 "timestamp": ts + "Z",

@@ -15,6 +15,7 @@ import numpy as np
 
 from detector.simulate.block import F64
 
+TABLE_RATE_SCALE = 0.7  # brings the table's peaks to ~500k requests per weekday at scale 1
 DAY = 86_400.0
 HOUR = 3_600.0
 MINUTE = 60.0
@@ -67,8 +68,8 @@ class AgentProfile:
 
     @property
     def steps_sigma(self) -> float:
-        """Lognormal sigma that puts the p95 session length at min(2.2 x median, 36) steps."""
-        p95 = min(2.2 * self.median_steps, 36.0)
+        """Lognormal sigma that puts the p95 session length at min(2.2 x median, 30) steps."""
+        p95 = min(2.2 * self.median_steps, 30.0)
         return math.log(p95 / self.median_steps) / 1.645
 
 
@@ -125,29 +126,90 @@ _TEAMS = {
 }
 
 _KEYS: tuple[KeyProfile, ...] = (
-    KeyProfile("key-search-prod", "search", "openai", ("gpt-4o-mini", "gpt-4o"), (0.85, 0.15), 2.2,
-               cached_share=0.3, burst=0.4),
-    KeyProfile("key-search-embed", "search", "openai", ("text-embedding-3-small",), (1.0,), 1.8,
-               operation="embedding", ctx_scale=0.08, out_scale=0.0, burst=0.4),
+    KeyProfile(
+        "key-search-prod", "search", "openai", ("gpt-4o-mini", "gpt-4o"), (0.85, 0.15), 2.2, cached_share=0.3, burst=0.4
+    ),
+    KeyProfile(
+        "key-search-embed",
+        "search",
+        "openai",
+        ("text-embedding-3-small",),
+        (1.0,),
+        1.8,
+        operation="embedding",
+        ctx_scale=0.08,
+        out_scale=0.0,
+        burst=0.4,
+    ),
     KeyProfile("key-search-eval", "search", "anthropic", ("claude-sonnet-4",), (1.0,), 0.08, workload="code"),
-    KeyProfile("key-support-chat", "support", "anthropic", ("claude-haiku-4-5", "claude-sonnet-4"), (0.8, 0.2),
-               1.3, cached_share=0.4, has_users=True),
+    KeyProfile(
+        "key-support-chat",
+        "support",
+        "anthropic",
+        ("claude-haiku-4-5", "claude-sonnet-4"),
+        (0.8, 0.2),
+        1.3,
+        cached_share=0.4,
+        has_users=True,
+    ),
     KeyProfile("key-support-agent", "support", "openai", ("gpt-4.1-mini",), (1.0,), 0.15, has_users=True),
     KeyProfile("key-support-batch", "support", "openai", ("gpt-4o-mini",), (1.0,), 0.3, burst=0.7),
-    KeyProfile("key-growth-copy", "growth", "openai", ("gpt-4.1-nano", "gpt-4o-mini"), (0.7, 0.3), 0.9,
-               has_users=True),
-    KeyProfile("key-growth-personalize", "growth", "google", ("gemini-2.0-flash", "gemini-2.5-flash"), (0.75, 0.25),
-               1.3, burst=0.6),
+    KeyProfile("key-growth-copy", "growth", "openai", ("gpt-4.1-nano", "gpt-4o-mini"), (0.7, 0.3), 0.9, has_users=True),
+    KeyProfile(
+        "key-growth-personalize",
+        "growth",
+        "google",
+        ("gemini-2.0-flash", "gemini-2.5-flash"),
+        (0.75, 0.25),
+        1.3,
+        burst=0.6,
+    ),
     KeyProfile("key-growth-agent", "growth", "anthropic", ("claude-sonnet-4",), (1.0,), 0.05),
-    KeyProfile("key-data-etl", "data-platform", "openai", ("gpt-4o-mini",), (1.0,), 0.9, workload="code",
-               ctx_scale=0.8, burst=0.7),
-    KeyProfile("key-data-embed", "data-platform", "openai", ("text-embedding-3-large",), (1.0,), 1.2,
-               operation="embedding", ctx_scale=0.3, out_scale=0.0),
+    KeyProfile(
+        "key-data-etl",
+        "data-platform",
+        "openai",
+        ("gpt-4o-mini",),
+        (1.0,),
+        0.9,
+        workload="code",
+        ctx_scale=0.8,
+        burst=0.7,
+    ),
+    KeyProfile(
+        "key-data-embed",
+        "data-platform",
+        "openai",
+        ("text-embedding-3-large",),
+        (1.0,),
+        1.2,
+        operation="embedding",
+        ctx_scale=0.3,
+        out_scale=0.0,
+    ),
     KeyProfile("key-data-sql-agent", "data-platform", "openai", ("gpt-4.1",), (1.0,), 0.08, workload="code"),
-    KeyProfile("key-data-notebook", "data-platform", "anthropic", ("claude-haiku-4-5",), (1.0,), 0.3,
-               workload="code", has_users=True, cached_share=0.2),
-    KeyProfile("key-research-lab", "research", "anthropic", ("claude-sonnet-4", "claude-opus-4", "claude-haiku-4-5"),
-               (0.5, 0.1, 0.4), 0.3, workload="code", has_users=True, cached_share=0.3),
+    KeyProfile(
+        "key-data-notebook",
+        "data-platform",
+        "anthropic",
+        ("claude-haiku-4-5",),
+        (1.0,),
+        0.3,
+        workload="code",
+        has_users=True,
+        cached_share=0.2,
+    ),
+    KeyProfile(
+        "key-research-lab",
+        "research",
+        "anthropic",
+        ("claude-sonnet-4", "claude-opus-4", "claude-haiku-4-5"),
+        (0.5, 0.1, 0.4),
+        0.3,
+        workload="code",
+        has_users=True,
+        cached_share=0.3,
+    ),
     KeyProfile("key-research-eval", "research", "openai", ("o3", "gpt-4.1"), (0.4, 0.6), 0.35, burst=0.8),
     KeyProfile("key-research-agent", "research", "openai", ("o4-mini",), (1.0,), 0.05, workload="code"),
     KeyProfile("key-billing-invoice", "billing", "openai", ("gpt-4.1-nano", "gpt-4o-mini"), (0.6, 0.4), 0.6),
@@ -156,20 +218,97 @@ _KEYS: tuple[KeyProfile, ...] = (
 )
 
 _AGENTS: tuple[AgentProfile, ...] = (
-    AgentProfile("support-triage-agent", "support", "key-support-agent", "gpt-4.1-mini", 10, 40, 5.0, 2500, 600, 220,
-                 ("kb_search", "ticket_update")),
-    AgentProfile("support-refund-agent", "support", "key-support-agent", "gpt-4.1-mini", 14, 10, 6.0, 3000, 700, 180,
-                 ("orders_lookup", "refund_api")),
-    AgentProfile("growth-outreach-agent", "growth", "key-growth-agent", "claude-sonnet-4", 18, 6, 8.0, 4000, 900, 350,
-                 ("crm_search", "email_draft")),
-    AgentProfile("data-sql-agent", "data-platform", "key-data-sql-agent", "gpt-4.1", 12, 15, 7.0, 5000, 1200, 260,
-                 ("run_sql", "schema_lookup")),
-    AgentProfile("research-browse-agent", "research", "key-research-agent", "o4-mini", 22, 5, 9.0, 3000, 1500, 500,
-                 ("web_search", "fetch_url")),
-    AgentProfile("research-code-agent", "research", "key-research-agent", "o4-mini", 25, 4, 10.0, 6000, 1100, 700,
-                 ("run_python", "read_file")),
-    AgentProfile("billing-reconcile-agent", "billing", "key-billing-agent", "claude-haiku-4-5", 8, 12, 4.0, 2000, 500,
-                 150, ("ledger_query",)),
+    AgentProfile(
+        "support-triage-agent",
+        "support",
+        "key-support-agent",
+        "gpt-4.1-mini",
+        10,
+        40,
+        5.0,
+        2500,
+        600,
+        220,
+        ("kb_search", "ticket_update"),
+    ),
+    AgentProfile(
+        "support-refund-agent",
+        "support",
+        "key-support-agent",
+        "gpt-4.1-mini",
+        14,
+        10,
+        6.0,
+        3000,
+        700,
+        180,
+        ("orders_lookup", "refund_api"),
+    ),
+    AgentProfile(
+        "growth-outreach-agent",
+        "growth",
+        "key-growth-agent",
+        "claude-sonnet-4",
+        18,
+        6,
+        8.0,
+        4000,
+        900,
+        350,
+        ("crm_search", "email_draft"),
+    ),
+    AgentProfile(
+        "data-sql-agent",
+        "data-platform",
+        "key-data-sql-agent",
+        "gpt-4.1",
+        12,
+        15,
+        7.0,
+        5000,
+        1200,
+        260,
+        ("run_sql", "schema_lookup"),
+    ),
+    AgentProfile(
+        "research-browse-agent",
+        "research",
+        "key-research-agent",
+        "o4-mini",
+        17,
+        5,
+        9.0,
+        3000,
+        1500,
+        500,
+        ("web_search", "fetch_url"),
+    ),
+    AgentProfile(
+        "research-code-agent",
+        "research",
+        "key-research-agent",
+        "o4-mini",
+        19,
+        4,
+        10.0,
+        6000,
+        1100,
+        700,
+        ("run_python", "read_file"),
+    ),
+    AgentProfile(
+        "billing-reconcile-agent",
+        "billing",
+        "key-billing-agent",
+        "claude-haiku-4-5",
+        8,
+        12,
+        4.0,
+        2000,
+        500,
+        150,
+        ("ledger_query",),
+    ),
 )
 
 
@@ -177,14 +316,18 @@ def build_fleet(seed: int, scale: float) -> Fleet:
     """The hand-set fleet with seed-dependent rates and sizes (each within ±25 % of the table)."""
     rng = rng_for(seed, "fleet")
     teams = {
-        name: Team(name, tz, night * float(rng.uniform(0.9, 1.1)),
-                   tuple(f"{name}-u{i:03d}" for i in rng.choice(400, size=int(rng.integers(8, 30)), replace=False)))
+        name: Team(
+            name,
+            tz,
+            night * float(rng.uniform(0.9, 1.1)),
+            tuple(f"{name}-u{i:03d}" for i in rng.choice(400, size=int(rng.integers(8, 30)), replace=False)),
+        )
         for name, (tz, night) in _TEAMS.items()
     }
     keys = {
         k.key_id: replace(
             k,
-            peak_rps=k.peak_rps * float(rng.uniform(0.8, 1.25)),
+            peak_rps=k.peak_rps * TABLE_RATE_SCALE * float(rng.uniform(0.8, 1.25)),
             ctx_scale=k.ctx_scale * float(rng.uniform(0.8, 1.25)),
             out_scale=k.out_scale * float(rng.uniform(0.8, 1.25)),
             error_rate=k.error_rate * float(rng.uniform(0.6, 1.6)),

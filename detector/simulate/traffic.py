@@ -29,8 +29,15 @@ def sampler(trace: TraceProfile, key: KeyProfile) -> TokenSampler:
 
 
 def arrival_times(
-    fleet: Fleet, trace: TraceProfile, key: KeyProfile, t0: float, t1: float, rng: np.random.Generator,
-    mult: Multiplier | None = None, *, burst: bool = True,
+    fleet: Fleet,
+    trace: TraceProfile,
+    key: KeyProfile,
+    t0: float,
+    t1: float,
+    rng: np.random.Generator,
+    mult: Multiplier | None = None,
+    *,
+    burst: bool = True,
 ) -> F64:
     """Request times of ``key`` in ``[t0, t1)``: minute-level Poisson under a gamma-modulated rate."""
     first = np.floor(t0 / MINUTE) * MINUTE
@@ -52,9 +59,7 @@ def arrival_times(
     return np.sort(t)
 
 
-def sizes(
-    trace: TraceProfile, key: KeyProfile, rng: np.random.Generator, n: int
-) -> tuple[I64, I64, I64]:
+def sizes(trace: TraceProfile, key: KeyProfile, rng: np.random.Generator, n: int) -> tuple[I64, I64, I64]:
     """(input, output, cached) tokens for ``n`` requests of ``key``."""
     smp = sampler(trace, key)
     inp = np.maximum(np.round(smp.context_tokens(rng, n) * key.ctx_scale), 1).astype(np.int64)
@@ -72,7 +77,6 @@ def reasoning_split(model: Obj, out: I64, rng: np.random.Generator) -> tuple[I64
     is_reasoning = np.array([str(m).startswith(REASONING_MODELS) for m in model.tolist()], dtype=bool)
     think = np.where(is_reasoning, np.round(out * rng.uniform(1.0, 4.0, out.size)), 0).astype(np.int64)
     return out + think, think
-
 
 
 def ok_latency(out: I64, inp: I64, operation: str, rng: np.random.Generator) -> F64:
@@ -98,12 +102,19 @@ def fail(block: Block, rows: I64, kinds: Obj, rng: np.random.Generator) -> None:
     block.http_status[rows] = np.where(is_to, 0, http)
     block.error_type[rows] = np.where(is_rl, "rate_limit_exceeded", np.where(is_to, "timeout", "server_error"))
     block.latency_ms[rows] = np.where(
-        is_rl, rng.uniform(20.0, 200.0, n), np.where(is_to, rng.uniform(30_000.0, 60_000.0, n), rng.uniform(100.0, 2000.0, n))
+        is_rl,
+        rng.uniform(20.0, 200.0, n),
+        np.where(is_to, rng.uniform(30_000.0, 60_000.0, n), rng.uniform(100.0, 2000.0, n)),
     )
 
 
 def requests(
-    fleet: Fleet, trace: TraceProfile, key: KeyProfile, t: F64, rng: np.random.Generator, *,
+    fleet: Fleet,
+    trace: TraceProfile,
+    key: KeyProfile,
+    t: F64,
+    rng: np.random.Generator,
+    *,
     background_errors: bool = True,
 ) -> Block:
     """Successful requests of ``key`` finishing at ``t`` (background failures and SDK retries added)."""
@@ -118,9 +129,18 @@ def requests(
         p = 1.0 / np.arange(1, len(users) + 1)
         user = np.array(users, dtype=object)[rng.choice(len(users), n, p=p / p.sum())]
     block = Block.build(
-        t, team=key.team, key=key.key_id, provider=key.provider, model=model, operation=key.operation,
-        input_tokens=inp, output_tokens=out, cached=cached, reasoning=think,
-        latency_ms=ok_latency(out, inp, key.operation, rng), user=user,
+        t,
+        team=key.team,
+        key=key.key_id,
+        provider=key.provider,
+        model=model,
+        operation=key.operation,
+        input_tokens=inp,
+        output_tokens=out,
+        cached=cached,
+        reasoning=think,
+        latency_ms=ok_latency(out, inp, key.operation, rng),
+        user=user,
     )
     if not background_errors or n == 0:
         return block
@@ -139,8 +159,15 @@ def requests(
 
 
 def sdk_retries(
-    block: Block, failed: I64, out: I64, think: I64, cached: I64, rng: np.random.Generator,
-    delays: tuple[float, ...] = SDK_RETRY_DELAYS, p_retry: float = 0.9, p_fail_again: float = 0.35,
+    block: Block,
+    failed: I64,
+    out: I64,
+    think: I64,
+    cached: I64,
+    rng: np.random.Generator,
+    delays: tuple[float, ...] = SDK_RETRY_DELAYS,
+    p_retry: float = 0.9,
+    p_fail_again: float = 0.35,
     fail_until: float | None = None,
 ) -> Block:
     """Well-behaved client retries of failed calls: exponential backoff with jitter, few attempts.
@@ -180,7 +207,12 @@ def sdk_retries(
 
 
 def key_traffic(
-    fleet: Fleet, trace: TraceProfile, key: KeyProfile, t0: float, t1: float, rng: np.random.Generator,
+    fleet: Fleet,
+    trace: TraceProfile,
+    key: KeyProfile,
+    t0: float,
+    t1: float,
+    rng: np.random.Generator,
     mult: Multiplier | None = None,
 ) -> Block:
     return requests(fleet, trace, key, arrival_times(fleet, trace, key, t0, t1, rng, mult), rng)
@@ -202,8 +234,14 @@ def session_length(agent: AgentProfile, rng: np.random.Generator) -> int:
 
 
 def session_block(
-    fleet: Fleet, agent: AgentProfile, times: F64, fingerprints: list[str], outputs: F64,
-    rng: np.random.Generator, session_id: str, user: str | None,
+    fleet: Fleet,
+    agent: AgentProfile,
+    times: F64,
+    fingerprints: list[str],
+    outputs: F64,
+    rng: np.random.Generator,
+    session_id: str,
+    user: str | None,
 ) -> Block:
     """The LLM calls of one agent session (one per step), each possibly followed by a tool call."""
     n = times.size
@@ -215,9 +253,19 @@ def session_block(
     out = np.maximum(np.round(outputs), 1).astype(np.int64)
     think = np.round(out * 0.6).astype(np.int64) if agent.model.startswith(REASONING_MODELS) else 0
     calls = Block.build(
-        times, team=agent.team, key=agent.key_id, provider=key.provider, model=agent.model,
-        input_tokens=inp_i, output_tokens=out, cached=cached, reasoning=think,
-        latency_ms=ok_latency(out, inp_i, "chat", rng), user=user, agent=agent.agent_id, session=session_id,
+        times,
+        team=agent.team,
+        key=agent.key_id,
+        provider=key.provider,
+        model=agent.model,
+        input_tokens=inp_i,
+        output_tokens=out,
+        cached=cached,
+        reasoning=think,
+        latency_ms=ok_latency(out, inp_i, "chat", rng),
+        user=user,
+        agent=agent.agent_id,
+        session=session_id,
         fingerprint=np.array(fingerprints, dtype=object),
     )
     errs = np.flatnonzero(rng.random(n) < 0.003)
@@ -225,9 +273,18 @@ def session_block(
     tool_rows = np.flatnonzero(rng.random(n) < TOOL_SHARE)
     m = tool_rows.size
     tools = Block.build(
-        times[tool_rows] + rng.uniform(0.3, 1.5, m), team=agent.team, key=agent.key_id, provider="internal",
-        model="tool", operation="tool", input_tokens=0, output_tokens=0,
-        latency_ms=rng.uniform(200.0, 1500.0, m), user=user, agent=agent.agent_id, session=session_id,
+        times[tool_rows] + rng.uniform(0.3, 1.5, m),
+        team=agent.team,
+        key=agent.key_id,
+        provider="internal",
+        model="tool",
+        operation="tool",
+        input_tokens=0,
+        output_tokens=0,
+        latency_ms=rng.uniform(200.0, 1500.0, m),
+        user=user,
+        agent=agent.agent_id,
+        session=session_id,
         tool=np.array(agent.tools, dtype=object)[rng.integers(0, len(agent.tools), m)],
         fixed_cost=np.round(rng.uniform(0.0001, 0.002, m), 6),
     )
@@ -243,9 +300,7 @@ def new_session_id(rng: np.random.Generator) -> str:
     return "sess-" + hex_ids(rng, 1, 8)[0]
 
 
-def agent_sessions(
-    fleet: Fleet, agent: AgentProfile, t0: float, t1: float, rng: np.random.Generator
-) -> Block:
+def agent_sessions(fleet: Fleet, agent: AgentProfile, t0: float, t1: float, rng: np.random.Generator) -> Block:
     """Ordinary sessions of ``agent`` starting in ``[t0, t1)``."""
     starts = np.arange(np.floor(t0 / MINUTE) * MINUTE, t1, MINUTE)
     rate = agent.sessions_per_hour / 60.0 * fleet.scale * fleet.activity(agent.team, starts + MINUTE / 2)
@@ -257,11 +312,19 @@ def agent_sessions(
         n = session_length(agent, rng)
         gaps, outputs = normal_steps(agent, n, rng)
         parts.append(
-            session_block(fleet, agent, begin + np.cumsum(gaps), hex_ids(rng, n, 8), outputs, rng,
-                          new_session_id(rng), session_user(fleet, agent, rng))
+            session_block(
+                fleet,
+                agent,
+                begin + np.cumsum(gaps),
+                hex_ids(rng, n, 8),
+                outputs,
+                rng,
+                new_session_id(rng),
+                session_user(fleet, agent, rng),
+            )
         )
     if not parts:
-        return Block.build(np.empty(0), team=agent.team, key=agent.key_id, provider="", model="",
-                           input_tokens=0, output_tokens=0)
+        return Block.build(
+            np.empty(0), team=agent.team, key=agent.key_id, provider="", model="", input_tokens=0, output_tokens=0
+        )
     return Block.concat(parts)
-
