@@ -126,13 +126,13 @@ class AgentLoop(EntityStores):
 
     def __init__(
         self,
-        cycle_steps: int = 6,
-        steady_steps: int = 10,
+        cycle_steps: int = 4,
+        steady_steps: int = 8,
         steady_band: float = 0.06,
-        runaway_factor: float = 4.0,
+        runaway_factor: float = 3.0,
         min_runaway_steps: int = 40,
         min_runaway_usd: float = 0.5,
-        min_agent_sessions: int = 30,
+        min_agent_sessions: int = 50,
         session_idle: float = 900.0,
         max_sessions: int = 200_000,
         agent_ttl: float = 30 * 86400.0,
@@ -166,8 +166,8 @@ class AgentLoop(EntityStores):
         s.cost += cost
         if s.looping:
             s.loop_cost += cost
-        if ev.retry_attempt:
-            return
+        if ev.retry_attempt or ev.operation == "tool":
+            return  # a step is a model call; SDK retries and tool calls ride along with it
         if s.steps == 0:
             self._first_step(s, ev)
         s.steps += 1
@@ -201,7 +201,7 @@ class AgentLoop(EntityStores):
             or s.run3 >= cycle
             or s.steady >= self.steady_steps
             or s.steps >= s.limit_steps
-            or (s.cost >= s.limit_usd and 2 * s.steps >= s.limit_steps)
+            or (s.cost >= s.limit_usd and s.steps >= 0.8 * s.limit_steps)
         ):
             self._start(s)
             self._looping.add(sid)

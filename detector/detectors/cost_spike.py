@@ -41,6 +41,7 @@ from detector.models import DAY, HOUR, GatedLevel, LogBaseline, SeasonalProfile,
 from detector.state import EntityStore
 
 SLOT = 10.0
+LEARN_GATE = 1.8  # a 30-minute rate this many times the baseline is not learned as normal
 RECENT = 256  # recent requests kept per entity, to name the top contributors
 
 
@@ -53,14 +54,19 @@ class SpendRing(SlotRing):
     top2_cost: list[float]
     top_tokens: list[float]
     __slots__ = (
+        "burst",
+        "burst30",
         "cost",
         "entity_type",
         "first_seen",
+        "gate",
         "level",
         "minute_cost",
+        "minute_idx",
         "minute_n",
         "minute_tokens",
         "minute_top",
+        "minutes",
         "n",
         "quiet_until",
         "recent",
@@ -73,14 +79,21 @@ class SpendRing(SlotRing):
         "unit",
     )
 
-    def __init__(self, entity_type: EntityType, now: float, level_half_life_min: float) -> None:
+    def __init__(
+        self, entity_type: EntityType, now: float, level_half_life_min: float, gate: tuple[float, float, float]
+    ) -> None:
         super().__init__(SLOT, 60, now)
+        self.gate = gate
         self.entity_type = entity_type
         self.first_seen = now
         self.season = SeasonalProfile()
         self.level = GatedLevel(half_life=level_half_life_min, max_step=1.3)
         self.unit = LogBaseline(fading_factor=0.02)
         self.tokens_base = LogBaseline(fading_factor=0.02)
+        self.burst = LogBaseline(fading_factor=0.002)  # 5-minute rate / baseline, in logs
+        self.burst30 = LogBaseline(fading_factor=0.002)  # the same over 30 minutes
+        self.minutes = [0.0] * 30  # spend of the last 30 closed minutes
+        self.minute_idx = 0
         self.minute_cost = self.minute_n = self.minute_top = self.minute_tokens = 0.0
         self.quiet_until = -math.inf  # learning of unit and season is held while anomalous
         # (event time, cost, (api_key, model, user, agent)) of the latest requests.
@@ -96,15 +109,41 @@ class SpendRing(SlotRing):
             self._learn_minute((slot + 1) * SLOT - 60.0)
 
     def _learn_minute(self, ts: float) -> None:
+        self.minutes[self.minute_idx] = self.minute_cost
+        self.minute_idx = (self.minute_idx + 1) % len(self.minutes)
+        base = max(self.season.expected(ts) or 0.0, self.level.mean)
+        r5 = self.window("cost", 30) / 5.0
+        r30 = sum(self.minutes) / len(self.minutes)
         anomalous = ts < self.quiet_until
+        bar5, bar30 = self.bars()
+        if base > 0 and not anomalous:
+            # What looks unusual is not learned as normal, or a ramp would teach itself; the
+            # gate sits below the alert bars so the climb to them is not learned either.
+            anomalous = r5 >= bar5 * base or r30 >= LEARN_GATE * base
         if not anomalous:
-            self.season.learn(ts, self.minute_cost)
+            expected = self.season.expected(ts)
+            self.season.learn(ts, self.minute_cost if expected is None else min(self.minute_cost, 3 * expected))
             if self.minute_n >= 3:
                 self.unit.learn((self.minute_cost - self.minute_top) / (self.minute_n - 1))
                 self.tokens_base.learn(self.minute_tokens / self.minute_n)
-        # The level learns a smoothed rate (the last 10 min) so bursty minutes do not bias it.
-        self.level.learn(self.window("cost", 60) / 10.0 if self.minute_n or self.level.n else 0.0)
+            # How far a 5- and a 30-minute rate normally stray from the baseline: bursty keys (a
+            # few agent sessions at a time) need a higher bar than a steady stream of requests.
+            if base > 0:
+                self.burst.learn(min(r5 / base, bar5))
+                self.burst30.learn(min(r30 / base, bar30))
+        # The level learns a smoothed rate (the last 10 min), gated, so it follows slow growth
+        # (and, in time, a lasting change) but is outrun by a spike or a ramp.
+        minutes = min(10.0, max(1.0, (ts + 60.0 - self.first_seen) / 60.0))  # a young entity has less
+        self.level.learn(self.window("cost", 60) / minutes if self.minute_n or self.level.n else 0.0)
         self.minute_cost = self.minute_n = self.minute_top = self.minute_tokens = 0.0
+
+    def bars(self) -> tuple[float, float]:
+        """How many times the baseline a 5- and a 30-minute spend rate must reach to be anomalous."""
+        ratio5, ratio30, sigmas = self.gate
+        return (
+            max(ratio5, self.burst.typical * math.exp(sigmas * self.burst.log_std)),
+            max(ratio30, self.burst30.typical * math.exp(sigmas * self.burst30.log_std)),
+        )
 
 
 class CostSpike(EntityStores):
@@ -119,10 +158,12 @@ class CostSpike(EntityStores):
         unit_ratio: float = 4.0,
         tokens_ratio: float = 5.0,
         level_ratio: float = 3.0,
+        level_sigmas: float = 4.0,
+        sustained_ratio: float = 2.0,
         min_excess_usd_per_hour: float = 2.0,
         critical_usd_per_hour: float = 50.0,
         learn_seconds: float = DAY,
-        unit_learn_minutes: int = 30,
+        unit_learn_minutes: int = 60,
         level_half_life_min: float = 60.0,
         interval: float = 30.0,
         ttl: float = 7 * DAY,
@@ -132,6 +173,8 @@ class CostSpike(EntityStores):
         self.unit_ratio = unit_ratio
         self.tokens_ratio = tokens_ratio
         self.level_ratio = level_ratio
+        self.level_sigmas = level_sigmas
+        self.sustained_ratio = sustained_ratio
         self.min_excess_usd_per_hour = min_excess_usd_per_hour
         self.critical_usd_per_hour = critical_usd_per_hour
         self.learn_seconds = learn_seconds
@@ -149,7 +192,8 @@ class CostSpike(EntityStores):
         self._dirty: set[tuple[EntityType, str]] = set()
 
     def _new(self, entity_type: EntityType, key: str, now: float) -> SpendRing:
-        return SpendRing(entity_type, now, self.level_half_life_min)
+        gate = (self.level_ratio, self.sustained_ratio, self.level_sigmas)
+        return SpendRing(entity_type, now, self.level_half_life_min, gate)
 
     def observe(self, ev: UsageEvent, ts: float, cost: float) -> None:
         slot = int(ts // SLOT)
@@ -210,8 +254,9 @@ class CostSpike(EntityStores):
         unit_now = trimmed / (n - 2)
         unit_ratio = st.unit.ratio(unit_now)
         tokens_ratio = st.tokens_base.ratio((st.closed("tokens", slots) - st.closed_max("top_tokens", slots)) / (n - 1))
-        threshold = max(self.unit_ratio, math.exp(2.5 * st.unit.log_std))
-        by_tokens = tokens_ratio >= self.tokens_ratio and unit_ratio >= 2.0
+        threshold = max(self.unit_ratio, math.exp(3.0 * st.unit.log_std))
+        tokens_bar = max(self.tokens_ratio, math.exp(3.0 * st.tokens_base.log_std))
+        by_tokens = tokens_ratio >= tokens_bar and unit_ratio >= 3.0
         if unit_ratio < threshold and not by_tokens:
             return None
         minutes = slots * SLOT / 60
@@ -258,12 +303,17 @@ class CostSpike(EntityStores):
         if seasonal is None:
             return None
         base = max(seasonal, st.level.mean, self.min_excess_usd_per_hour / 60 / 4)
+        bar, bar30 = st.bars()
         r5 = st.closed("cost", 30) / 5
-        if r5 < self.level_ratio * base:
-            return None
         r10 = st.closed("cost", 60) / 10
-        if r10 < 0.6 * self.level_ratio * base or st.closed("n", 30) < 20:
+        r30 = sum(st.minutes) / len(st.minutes)
+        # A sudden jump shows in 5 and 10 minutes; a ramp, sooner in the smoother 30 minutes.
+        sudden = r5 >= bar * base and r10 >= 0.6 * bar * base
+        sustained = r30 >= bar30 * base and r5 >= bar30 * base
+        if not (sudden or sustained) or st.closed("n", 30) < 20:
             return None
+        if not sudden:
+            bar = bar30
         excess = (r5 - base) * 60
         if excess < self.min_excess_usd_per_hour:
             return None
@@ -293,7 +343,11 @@ class CostSpike(EntityStores):
             summary,
             action,
             contributors,
-            {"usd_per_minute_10m": round(r10, 4), "seasonal_usd_per_minute": round(seasonal, 4)},
+            {
+                "usd_per_minute_10m": round(r10, 4),
+                "seasonal_usd_per_minute": round(seasonal, 4),
+                "ratio_bar": round(bar, 2),
+            },
         )
 
     def _finding(

@@ -7,7 +7,7 @@ Per api_key and per agent, 5-second slots count attempts, failures and *deep* re
   entity's healthy traffic goes on beside the storm), and
 * attempts run at ``rate_ratio`` x the entity's learned normal rate or more, with the failures
   alone at half that, and
-* either deep retries come at least ``deep_ratio`` x as fast as the entity's normal calls
+* either deep retries (at least ``min_deep``) come at ``deep_ratio`` x the entity's normal call rate
   (a client with no backoff climbs to attempt 20 in seconds; proper exponential backoff
   reaches attempt 5 only after half a minute), or the first two hold for ``sustain_seconds``.
 
@@ -91,8 +91,9 @@ class RetryStorm(EntityStores):
         min_failure_share: float = 0.4,
         rate_ratio: float = 3.0,
         deep_attempt: int = 5,
-        deep_ratio: float = 2.0,
-        sustain_seconds: float = 30.0,
+        deep_ratio: float = 0.25,
+        min_deep: int = 5,
+        sustain_seconds: float = 90.0,
         min_failures: int = 10,
         min_normal_per_minute: float = 2.0,
         interval: float = 5.0,
@@ -104,6 +105,7 @@ class RetryStorm(EntityStores):
         self.rate_ratio = rate_ratio
         self.deep_attempt = deep_attempt
         self.deep_ratio = deep_ratio
+        self.min_deep = min_deep
         self.sustain_seconds = sustain_seconds
         self.min_failures = min_failures
         self.min_normal_per_minute = min_normal_per_minute
@@ -183,7 +185,7 @@ class RetryStorm(EntityStores):
             st.hot_since = now - slots * SLOT
         deep = st.closed("deep", slots)
         deep_ratio = deep / normal
-        if deep_ratio < self.deep_ratio and now - st.hot_since < self.sustain_seconds:
+        if (deep < self.min_deep or deep_ratio < self.deep_ratio) and now - st.hot_since < self.sustain_seconds:
             return None
         st.quiet_until = now + 300
         window = slots * SLOT

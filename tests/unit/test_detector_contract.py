@@ -28,12 +28,13 @@ FACTORIES: dict[str, Callable[[], Detector]] = {
 def fleet(hours: float, seed: int = 3, keys: int = 8) -> list[UsageEvent]:
     """Healthy, varied traffic: several keys and teams, agent sessions, a trickle of handled errors."""
     rng = random.Random(seed)
-    events, t, session = [], T0, 0
+    events, t, session, left = [], T0, 0, 0
     while t < T0 + hours * 3600:
         t += rng.expovariate(2.0)
         k = rng.randrange(keys)
-        if rng.random() < 0.05:
-            session += 1
+        if left == 0:  # sessions of 3 to 15 steps per agent, interleaved
+            session, left = session + 1, rng.randint(9, 45)
+        left -= 1
         failed = rng.random() < 0.01
         events.append(make_event(
             t, api_key_id=f"key-{k}", team="search" if k % 2 else "ads", agent_id=f"agent-{k % 3}",
