@@ -161,14 +161,14 @@ def score(labels: Iterable[IncidentLabel], alerts: Iterable[Mapping[str, Any]], 
     real = [label for label in labels if label.kind != "benign"]
     false_incidents = []
     for iid, records in incidents.items():
-        first = records[0]
-        kind = first["kind"]
+        opening = records[0]
+        kind = opening["kind"]
         kinds[kind].incidents += 1
         if iid in true_ids:
             kinds[kind].true_incidents += 1
             continue
-        at = _ts(first["detected_at"])
-        overlaps = any(label.team == first["owner"] and window(label)[0] <= at <= window(label)[1] for label in real)
+        at = _ts(opening["detected_at"])
+        overlaps = any(label.team == opening["owner"] and window(label)[0] <= at <= window(label)[1] for label in real)
         if overlaps:
             kinds[kind].true_incidents += 1  # a side effect of a real incident, not a false alarm
         else:
@@ -176,18 +176,18 @@ def score(labels: Iterable[IncidentLabel], alerts: Iterable[Mapping[str, Any]], 
                 label.scenario
                 for label in labels
                 if label.kind == "benign"
-                and label.team == first["owner"]
+                and label.team == opening["owner"]
                 and window(label)[0] <= at <= window(label)[1]
             ]
             false_incidents.append(
                 {
                     "incident_id": iid,
                     "kind": kind,
-                    "owner": first["owner"],
-                    "entity": first["entity"],
-                    "detected_at": first["detected_at"],
+                    "owner": opening["owner"],
+                    "entity": opening["entity"],
+                    "detected_at": opening["detected_at"],
                     "benign_scenario": benign[0] if benign else None,
-                    "summary": first.get("explanation", {}).get("summary", ""),
+                    "summary": opening.get("explanation", {}).get("summary", ""),
                 }
             )
     return Scorecard(days, kinds, dict(scenarios), false_incidents, missed)
@@ -195,7 +195,7 @@ def score(labels: Iterable[IncidentLabel], alerts: Iterable[Mapping[str, Any]], 
 
 def table_rows(card: Scorecard) -> list[tuple[str, ...]]:
     """Rows for a printed table: one per kind, then one per scenario."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for name, s in [*card.kinds.items(), *sorted(card.scenarios.items())]:
         rows.append(
             (

@@ -27,7 +27,7 @@ QUIET_SECONDS = {
     AlertKind.RETRY_STORM: 120.0,
     AlertKind.AGENT_LOOP: 300.0,
     AlertKind.COST_SPIKE: 900.0,
-    AlertKind.BUDGET_BURN: 7200.0,
+    AlertKind.BUDGET_BURN: 3600.0,
 }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from detector.events import CONTRACTS
 
@@ -17,7 +18,7 @@ READ = {"usage-event.v1.json"}  # schemas of input describe what we accept, the 
 
 
 def render(filename: str) -> str:
-    mode = "validation" if filename in READ else "serialization"
+    mode: Literal["validation", "serialization"] = "validation" if filename in READ else "serialization"
     schema = {"$schema": DIALECT, **CONTRACTS[filename].model_json_schema(mode=mode)}
     return json.dumps(schema, indent=2, sort_keys=False) + "\n"
 

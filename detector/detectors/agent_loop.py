@@ -6,9 +6,10 @@ Judged step by step on each session (a step is a first attempt, not an SDK retry
   (the agent asks the same things again and again).
 * **no progress**: fresh fingerprints, but each step's output is within a few percent of the
   last one's and the pace is steady, for ``steady_steps`` steps (a planner stuck re-planning).
-* **runaway**: the session has run ``runaway_factor`` x the steps, or cost, that this agent's
-  sessions normally need (their 95th percentile, learned with river's P² quantile sketch
-  from sessions that ended), so a legitimately long session with varied steps stays quiet.
+* **runaway**: the session has run ``runaway_factor`` x the steps this agent's sessions
+  normally take (their median), and twice their 95th percentile, both learned with river's
+  P² quantile sketch from sessions that ended; or twice their 95th-percentile cost with
+  most of those steps. A legitimately long session with varied steps stays quiet.
 
 Session state is a few numbers; sessions idle for ``session_idle`` seconds end, feed their
 agent's norms and are forgotten, and at most ``max_sessions`` are held.
@@ -43,9 +44,10 @@ MIN_OUTPUT_TOKENS = 20  # below this, identical outputs ("ok", a label) say noth
 class AgentNorms:
     """What one agent's sessions normally need: steps and dollars, 95th percentile."""
 
-    __slots__ = ("cost_p95", "limit_steps", "limit_usd", "sessions", "steps_p95")
+    __slots__ = ("cost_p95", "limit_steps", "limit_usd", "sessions", "steps_p50", "steps_p95")
 
     def __init__(self) -> None:
+        self.steps_p50 = stats.Quantile(0.5)
         self.steps_p95 = stats.Quantile(0.95)
         self.cost_p95 = stats.Quantile(0.95)
         self.sessions = 0
@@ -54,6 +56,7 @@ class AgentNorms:
         self.limit_usd = math.inf
 
     def learn(self, steps: int, cost: float) -> None:
+        self.steps_p50.update(steps)
         self.steps_p95.update(steps)
         self.cost_p95.update(cost)
         self.sessions += 1
@@ -129,7 +132,7 @@ class AgentLoop(EntityStores):
         cycle_steps: int = 4,
         steady_steps: int = 8,
         steady_band: float = 0.06,
-        runaway_factor: float = 3.0,
+        runaway_factor: float = 5.5,
         min_runaway_steps: int = 40,
         min_runaway_usd: float = 0.5,
         min_agent_sessions: int = 50,
@@ -246,7 +249,7 @@ class AgentLoop(EntityStores):
         duration = max(s.last - s.loop_since, 1.0)
         rate = s.loop_cost / duration * 3600
         norms = self.norms.peek(s.agent or "")
-        typical_steps = _p95(norms.steps_p95) if norms and norms.sessions else math.nan
+        typical_steps = _quantile(norms.steps_p50) if norms and norms.sessions else math.nan
         pace = s.loop_steps / duration * 60
         agent = f"agent {s.agent}" if s.agent else "a session"
         if s.loop_kind == "cycle":
@@ -281,7 +284,7 @@ class AgentLoop(EntityStores):
                 details={
                     "session_steps": s.steps,
                     "session_cost_usd": round(s.cost, 4),
-                    "agent_p95_steps": round(typical_steps, 1) if not math.isnan(typical_steps) else -1.0,
+                    "agent_median_steps": round(typical_steps, 1) if not math.isnan(typical_steps) else -1.0,
                     "steps_per_minute": round(pace, 2),
                 },
             ),
@@ -304,15 +307,18 @@ class AgentLoop(EntityStores):
         norms.learn(s.steps, s.cost)
         # The P² estimate moves slowly; refreshing the bar every few sessions is plenty.
         if norms.sessions >= self.min_agent_sessions and norms.sessions % 4 == 0:
-            norms.limit_steps = max(self.runaway_factor * _p95(norms.steps_p95), self.min_runaway_steps)
-            norms.limit_usd = max(self.runaway_factor * _p95(norms.cost_p95), self.min_runaway_usd)
+            # Far past the typical session, and past twice the long ones for heavy-tailed agents.
+            norms.limit_steps = max(
+                self.runaway_factor * _quantile(norms.steps_p50), 2 * _quantile(norms.steps_p95), self.min_runaway_steps
+            )
+            norms.limit_usd = max(2 * _quantile(norms.cost_p95), self.min_runaway_usd)
 
 
 def _new_session(key: str, now: float) -> Session:
     return Session(now)
 
 
-def _p95(q: stats.Quantile) -> float:
+def _quantile(q: stats.Quantile) -> float:
     value = q.get()
     return float(value) if value is not None else math.nan
 

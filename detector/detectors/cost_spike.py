@@ -80,7 +80,11 @@ class SpendRing(SlotRing):
     )
 
     def __init__(
-        self, entity_type: EntityType, now: float, level_half_life_min: float, gate: tuple[float, float, float]
+        self,
+        entity_type: EntityType,
+        now: float,
+        level_half_life_min: float,
+        gate: tuple[float, float, float, float],
     ) -> None:
         super().__init__(SLOT, 60, now)
         self.gate = gate
@@ -116,13 +120,15 @@ class SpendRing(SlotRing):
         r30 = sum(self.minutes) / len(self.minutes)
         anomalous = ts < self.quiet_until
         bar5, bar30 = self.bars()
-        if base > 0 and not anomalous:
+        learning = ts - self.first_seen < self.gate[3]  # the first day learns all it sees: recurring jobs too
+        if base > 0 and not anomalous and not learning:
             # What looks unusual is not learned as normal, or a ramp would teach itself; the
             # gate sits below the alert bars so the climb to them is not learned either.
             anomalous = r5 >= bar5 * base or r30 >= LEARN_GATE * base
         if not anomalous:
             expected = self.season.expected(ts)
-            self.season.learn(ts, self.minute_cost if expected is None else min(self.minute_cost, 3 * expected))
+            capped = expected is not None and not learning
+            self.season.learn(ts, min(self.minute_cost, 3 * expected) if capped and expected else self.minute_cost)
             if self.minute_n >= 3:
                 self.unit.learn((self.minute_cost - self.minute_top) / (self.minute_n - 1))
                 self.tokens_base.learn(self.minute_tokens / self.minute_n)
@@ -139,7 +145,7 @@ class SpendRing(SlotRing):
 
     def bars(self) -> tuple[float, float]:
         """How many times the baseline a 5- and a 30-minute spend rate must reach to be anomalous."""
-        ratio5, ratio30, sigmas = self.gate
+        ratio5, ratio30, sigmas, _ = self.gate
         return (
             max(ratio5, self.burst.typical * math.exp(sigmas * self.burst.log_std)),
             max(ratio30, self.burst30.typical * math.exp(sigmas * self.burst30.log_std)),
@@ -160,7 +166,7 @@ class CostSpike(EntityStores):
         level_ratio: float = 3.0,
         level_sigmas: float = 4.0,
         sustained_ratio: float = 2.0,
-        min_excess_usd_per_hour: float = 2.0,
+        min_excess_usd_per_hour: float = 0.25,
         critical_usd_per_hour: float = 50.0,
         learn_seconds: float = DAY,
         unit_learn_minutes: int = 60,
@@ -192,7 +198,7 @@ class CostSpike(EntityStores):
         self._dirty: set[tuple[EntityType, str]] = set()
 
     def _new(self, entity_type: EntityType, key: str, now: float) -> SpendRing:
-        gate = (self.level_ratio, self.sustained_ratio, self.level_sigmas)
+        gate = (self.level_ratio, self.sustained_ratio, self.level_sigmas, self.learn_seconds)
         return SpendRing(entity_type, now, self.level_half_life_min, gate)
 
     def observe(self, ev: UsageEvent, ts: float, cost: float) -> None:

@@ -43,6 +43,7 @@ from detector.state import EntityStore
 
 SLOT = 5.0
 WINDOW_SLOTS = 4  # 20 s
+WINDOW_CHOICES = (WINDOW_SLOTS, 12)  # 20 s, else 60 s
 
 
 class AttemptRing(SlotRing):
@@ -93,7 +94,7 @@ class RetryStorm(EntityStores):
         deep_attempt: int = 5,
         deep_ratio: float = 0.25,
         min_deep: int = 5,
-        sustain_seconds: float = 90.0,
+        sustain_seconds: float = 150.0,
         min_failures: int = 10,
         min_normal_per_minute: float = 2.0,
         interval: float = 5.0,
@@ -166,18 +167,19 @@ class RetryStorm(EntityStores):
         return findings
 
     def _judge(self, st: AttemptRing, etype: EntityType, key: str, now: float) -> Finding | None:
-        slots = WINDOW_SLOTS
-        failures = st.closed("failures", slots)
-        if failures < self.min_failures:
-            if now - st.hot_last > 2 * SLOT * slots:
+        # 20 s for a busy entity; a quiet one (at night) needs a minute to show enough failures.
+        slots = next((k for k in WINDOW_CHOICES if st.closed("failures", k) >= self.min_failures), 0)
+        if not slots:
+            if now - st.hot_last > 2 * SLOT * WINDOW_SLOTS:
                 st.hot_since = math.inf
             return None
+        failures = st.closed("failures", slots)
         attempts = st.closed("attempts", slots)
         normal = max(st.normal.mean, self.min_normal_per_minute * SLOT / 60) * slots
         share = failures / attempts
         ratio = attempts / normal
         if share < self.min_failure_share or ratio < self.rate_ratio or failures < 0.5 * self.rate_ratio * normal:
-            if now - st.hot_last > 2 * SLOT * slots:
+            if now - st.hot_last > 2 * SLOT * WINDOW_SLOTS:
                 st.hot_since = math.inf
             return None
         st.hot_last = now
