@@ -161,7 +161,7 @@ class CostSpike(EntityStores):
     def __init__(
         self,
         entity_types: tuple[EntityType, ...] = ("api_key", "team"),
-        unit_ratio: float = 4.0,
+        unit_ratio: float = 5.0,
         tokens_ratio: float = 5.0,
         level_ratio: float = 3.0,
         level_sigmas: float = 4.0,
