@@ -35,16 +35,22 @@ def run_seed(seed: int, days: float, out: Path) -> Scorecard:
     )
 
 
+def _merge(into: dict[str, KindScore], scores: dict[str, KindScore]) -> None:
+    for name, s in scores.items():
+        agg = into.setdefault(name, KindScore())
+        agg.labels += s.labels
+        agg.detected += s.detected
+        agg.incidents += s.incidents
+        agg.true_incidents += s.true_incidents
+        agg.latencies.extend(s.latencies)
+
+
 def pool(cards: list[Scorecard]) -> dict[str, Any]:
     kinds: dict[str, KindScore] = {}
+    scenarios: dict[str, KindScore] = {}
     for card in cards:
-        for name, s in card.kinds.items():
-            agg = kinds.setdefault(name, KindScore())
-            agg.labels += s.labels
-            agg.detected += s.detected
-            agg.incidents += s.incidents
-            agg.true_incidents += s.true_incidents
-            agg.latencies.extend(s.latencies)
+        _merge(kinds, card.kinds)
+        _merge(scenarios, card.scenarios)
     days = sum(c.days for c in cards)
     false = sum(len(c.false_incidents) for c in cards)
     return {
@@ -62,6 +68,10 @@ def pool(cards: list[Scorecard]) -> dict[str, Any]:
                 "max_latency_s": round(max(s.latencies), 1) if s.latencies else None,
             }
             for name, s in kinds.items()
+        },
+        "scenarios": {
+            name: {"labels": s.labels, "detected": s.detected, "median_latency_s": s.median_latency_s}
+            for name, s in sorted(scenarios.items())
         },
     }
 

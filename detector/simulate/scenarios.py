@@ -238,15 +238,25 @@ def _storm_rate(
     return mult * normal
 
 
-def full_storm(world: World, rng: np.random.Generator) -> bool:
-    """A client bug retries failing calls without backoff: 3-50x the normal rate, 5-20 min."""
+def _storm(
+    world: World, rng: np.random.Generator, minutes: tuple[float, float], rate: tuple[float, float]
+) -> tuple[KeyProfile, float, float, Block] | None:
+    """A key, a free slot on its team and the storm's requests at ``rate`` x the key's normal rate."""
     key = _pick(rng, world.plain_keys(chat_only=False))
-    duration = float(rng.uniform(5, 20)) * MINUTE
+    duration = float(rng.uniform(*minutes)) * MINUTE
     start = world.slot([key.team], duration, rng)
     if start is None:
+        return None
+    t = _poisson_times(rng, _storm_rate(world, key, start, *rate, rng), start, start + duration)
+    return key, start, duration, requests(world.fleet, world.trace, key, t, rng, background_errors=False)
+
+
+def full_storm(world: World, rng: np.random.Generator) -> bool:
+    """A client bug retries failing calls without backoff: 3-50x the normal rate, 5-20 min."""
+    storm = _storm(world, rng, (5, 20), (3.0, 50.0))
+    if storm is None:
         return False
-    t = _poisson_times(rng, _storm_rate(world, key, start, 3.0, 50.0, rng), start, start + duration)
-    block = requests(world.fleet, world.trace, key, t, rng, background_errors=False)
+    key, start, duration, block = storm
     n = len(block)
     fail(block, np.arange(n), _failure_kinds(rng, n), rng)
     lengths = rng.integers(20, 51, size=n // 20 + 1)  # each chain: a first try, then retries up to 20-50
@@ -261,13 +271,10 @@ def full_storm(world: World, rng: np.random.Generator) -> bool:
 
 def partial_storm(world: World, rng: np.random.Generator) -> bool:
     """55-75 % of calls fail and are retried at once; successes are billed. 3-10x the rate, 10-30 min."""
-    key = _pick(rng, world.plain_keys(chat_only=False))
-    duration = float(rng.uniform(10, 30)) * MINUTE
-    start = world.slot([key.team], duration, rng)
-    if start is None:
+    storm = _storm(world, rng, (10, 30), (3.0, 10.0))
+    if storm is None:
         return False
-    t = _poisson_times(rng, _storm_rate(world, key, start, 3.0, 10.0, rng), start, start + duration)
-    block = requests(world.fleet, world.trace, key, t, rng, background_errors=False)
+    key, start, duration, block = storm
     n = len(block)
     failed = rng.random(n) < rng.uniform(0.55, 0.75)
     fail(block, np.flatnonzero(failed), _failure_kinds(rng, int(failed.sum())), rng)
