@@ -41,6 +41,7 @@ from detector.models import DAY, HOUR, GatedLevel, LogBaseline, SeasonalProfile,
 from detector.state import EntityStore
 
 SLOT = 10.0
+BY_TOKENS_UNIT_RATIO = 3.0  # a prompt blow-up must also have raised the unit cost this much
 LEARN_GATE = 1.8  # a 30-minute rate this many times the baseline is not learned as normal
 RECENT = 256  # recent requests kept per entity, to name the top contributors
 
@@ -57,6 +58,7 @@ class SpendRing(SlotRing):
         "burst",
         "burst30",
         "cost",
+        "dirty",
         "entity_type",
         "first_seen",
         "gate",
@@ -89,6 +91,7 @@ class SpendRing(SlotRing):
         super().__init__(SLOT, 60, now)
         self.gate = gate
         self.entity_type = entity_type
+        self.dirty = False
         self.first_seen = now
         self.season = SeasonalProfile()
         self.level = GatedLevel(half_life=level_half_life_min, max_step=1.3)
@@ -195,7 +198,7 @@ class CostSpike(EntityStores):
         }
         self._keyed = keyed_stores(self._stores)
         self._teams: dict[tuple[EntityType, str], str] = {}
-        self._dirty: set[tuple[EntityType, str]] = set()
+        self._dirty: list[tuple[EntityType, str, SpendRing]] = []  # seen since the last evaluate
 
     def _new(self, entity_type: EntityType, key: str, now: float) -> SpendRing:
         gate = (self.level_ratio, self.sustained_ratio, self.level_sigmas, self.learn_seconds)
@@ -226,26 +229,24 @@ class CostSpike(EntityStores):
             if tokens > st.top_tokens[i]:
                 st.top_tokens[i] = tokens
             st.recent.append(recent)
-            ident = (etype, key)
-            if ident not in dirty:
-                dirty.add(ident)
-                self._teams[ident] = ev.team
+            if not st.dirty:
+                st.dirty = True
+                dirty.append((etype, key, st))
+                self._teams[etype, key] = ev.team
 
     def evaluate(self, now: float) -> list[Finding]:
         findings: list[Finding] = []
         slot = int(now // SLOT) - 1  # the last slot that is complete at ``now``
-        for ident in self._dirty:
-            etype, key = ident
-            st = self._stores[etype].peek(key)
-            if st is None:
-                continue
+        for etype, key, st in self._dirty:
+            st.dirty = False
+            ident = (etype, key)
             st.roll(slot + 1)
             finding = self._unit_rule(st, ident, now) if etype == "api_key" else None
             finding = finding or self._level_rule(st, ident, now)
             if finding is not None:
                 st.quiet_until = now + 15 * 60
                 findings.append(finding)
-        self._dirty.clear()
+        self._dirty = []
         return findings
 
     def _unit_rule(self, st: SpendRing, ident: tuple[EntityType, str], now: float) -> Finding | None:
@@ -256,13 +257,15 @@ class CostSpike(EntityStores):
         if n < 8:
             return None
         cost = st.closed("cost", slots)
+        if cost < min(self.unit_ratio, BY_TOKENS_UNIT_RATIO) * st.unit.typical * (n - 2):
+            return None  # even untrimmed, too cheap per request for either test below
         trimmed = cost - _largest_two(st, slots)
         unit_now = trimmed / (n - 2)
         unit_ratio = st.unit.ratio(unit_now)
         tokens_ratio = st.tokens_base.ratio((st.closed("tokens", slots) - st.closed_max("top_tokens", slots)) / (n - 1))
         threshold = max(self.unit_ratio, math.exp(3.0 * st.unit.log_std))
         tokens_bar = max(self.tokens_ratio, math.exp(3.0 * st.tokens_base.log_std))
-        by_tokens = tokens_ratio >= tokens_bar and unit_ratio >= 3.0
+        by_tokens = tokens_ratio >= tokens_bar and unit_ratio >= BY_TOKENS_UNIT_RATIO
         if unit_ratio < threshold and not by_tokens:
             return None
         minutes = slots * SLOT / 60

@@ -43,6 +43,7 @@ from detector.state import EntityStore
 
 SLOT = 5.0
 WINDOW_SLOTS = 4  # 20 s
+SLOTS_PER_MINUTE = 12
 WINDOW_CHOICES = (WINDOW_SLOTS, 12)  # 20 s, else 60 s
 
 
@@ -60,6 +61,7 @@ class AttemptRing(SlotRing):
         "hot_last",
         "hot_since",
         "max_attempt",
+        "minute_attempts",
         "normal",
         "quiet_until",
         "spend",
@@ -69,15 +71,19 @@ class AttemptRing(SlotRing):
     def __init__(self, now: float, team: str) -> None:
         super().__init__(SLOT, 24, now)
         self.team = team
-        # Attempts per slot; half-life 30 min of slots; a storm cannot drag it up fast.
-        self.normal = GatedLevel(half_life=360, max_step=1.5)
+        # Attempts per slot, learned once a minute; half-life 30 min; a storm cannot drag it up fast.
+        self.normal = GatedLevel(half_life=30, max_step=1.5)
+        self.minute_attempts = 0.0
         self.hot_since = math.inf
         self.hot_last = -math.inf
         self.quiet_until = -math.inf
 
     def on_close(self, slot: int, idx: int) -> None:
-        if slot * SLOT >= self.quiet_until:
-            self.normal.learn(self.attempts[idx])
+        self.minute_attempts += self.attempts[idx]
+        if slot % SLOTS_PER_MINUTE == SLOTS_PER_MINUTE - 1:
+            if slot * SLOT >= self.quiet_until:
+                self.normal.learn(self.minute_attempts / SLOTS_PER_MINUTE)
+            self.minute_attempts = 0.0
 
 
 class RetryStorm(EntityStores):
