@@ -218,27 +218,24 @@ def _print_summary(
         table.add_row(f"  {kind} {status}", str(n))
     console.print(table)
     if alerts:
-        console.print(incident_table(alerts))
+        print_incidents(console, alerts)
 
 
-def incident_table(alerts: list[Alert], limit: int = 40) -> Table:
-    """One row per incident, from its firing record, with the worst rate it reached."""
+def print_incidents(console: Console, alerts: list[Alert], limit: int = 40) -> None:
+    """One entry per incident, from its firing record: a header line, then what happened."""
     firing = [a for a in alerts if a.status.value == "firing"]
-    table = Table(title=f"incidents ({len(firing)})", title_justify="left", show_lines=False)
-    for column in ("detected (UTC)", "kind", "sev", "entity", "$/h", "what happened"):
-        table.add_column(column, overflow="fold")
+    console.print(f"[bold]incidents ({len(firing)})[/]")
+    colour = {"critical": "red", "warning": "yellow", "info": "blue"}
     for a in firing[:limit]:
-        table.add_row(
-            a.detected_at.strftime("%a %H:%M:%S"),
-            a.kind.value,
-            a.severity.value,
-            f"{a.owner} / {a.entity}",
-            f"{a.cost_rate_usd_per_hour:,.2f}",
-            a.explanation.summary,
+        sev = a.severity.value
+        console.print(
+            f"[bold]{a.detected_at:%a %H:%M:%S}[/]  {a.kind.value:<11} [{colour[sev]}]{sev:<8}[/] "
+            f"team {a.owner}  {a.entity}  ${a.cost_rate_usd_per_hour:,.2f}/h",
+            highlight=False,
         )
+        console.print(f"    {a.explanation.summary}", highlight=False, soft_wrap=False)
     if len(firing) > limit:
-        table.caption = f"... and {len(firing) - limit} more"
-    return table
+        console.print(f"... and {len(firing) - limit} more in the alerts file")
 
 
 # -- simulate, evaluate, demo ----------------------------------------------------------------

@@ -132,7 +132,7 @@ class AgentLoop(EntityStores):
         cycle_steps: int = 4,
         steady_steps: int = 8,
         steady_band: float = 0.06,
-        runaway_factor: float = 5.5,
+        runaway_factor: float = 5.75,
         min_runaway_steps: int = 40,
         min_runaway_usd: float = 0.5,
         min_agent_sessions: int = 50,

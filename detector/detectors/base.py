@@ -116,6 +116,8 @@ def usd(x: float) -> str:
         return f"${x:,.0f}"
     if x >= 1:
         return f"${x:,.2f}"
+    if 0 < x < 0.01:  # a cheap request: keep two significant digits, not "$0.000"
+        return "$" + f"{x:.6f}".rstrip("0")
     return f"${x:.3f}"
 
 
