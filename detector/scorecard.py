@@ -94,7 +94,13 @@ def markdown(pooled: dict[str, Any], seeds: list[int], days: float) -> str:
         "",
         f"False incidents, whole fleet: {pooled['false_incidents']} in {pooled['days']:g} days "
         f"= **{pooled['false_per_day']:g} per day**.",
+        "",
+        "| scenario | detected | median latency |",
+        "|---|---:|---:|",
     ]
+    for name, k in pooled["scenarios"].items():
+        med = "-" if k["median_latency_s"] is None else f"{k['median_latency_s']:.0f} s"
+        lines.append(f"| {name} | {k['detected']}/{k['labels']} | {med} |")
     return "\n".join(lines) + "\n"
 
 
