@@ -59,10 +59,6 @@ def explain(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse(raw: bytes) -> UsageEvent:
-    return UsageEvent.model_validate_json(raw)
-
-
 def replay(
     lines: Iterable[bytes],
     engine: Engine,

@@ -65,9 +65,6 @@ class EntityStore(Generic[S]):
     def peek(self, key: str) -> S | None:
         return self._items.get(key)
 
-    def last_touched(self, key: str) -> float:
-        return self._touched[key]
-
     def evict(self, now: float) -> int:
         """Forget entities idle past the TTL; returns how many went."""
         cutoff = now - self.ttl

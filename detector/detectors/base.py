@@ -119,7 +119,3 @@ def usd(x: float) -> str:
     if 0 < x < 0.01:  # a cheap request: keep two significant digits, not "$0.000"
         return "$" + f"{x:.6f}".rstrip("0")
     return f"${x:.3f}"
-
-
-def times(ratio: float) -> str:
-    return f"{ratio:.1f}x" if ratio < 100 else f"{ratio:,.0f}x"
