@@ -139,7 +139,7 @@ class SlotRing:
     """
 
     FIELDS: tuple[str, ...] = ()
-    __slots__ = ("idx", "size", "slot", "width")
+    __slots__ = ("_arrays", "idx", "size", "slot", "width")
 
     def __init__(self, width: float, size: int, now: float) -> None:
         self.width = width
@@ -148,17 +148,19 @@ class SlotRing:
         self.idx = self.slot % size
         for name in self.FIELDS:
             setattr(self, name, [0.0] * size)
+        self._arrays = tuple(getattr(self, name) for name in self.FIELDS)
 
     def roll(self, slot: int) -> None:
         """Advance to ``slot`` (no-op if not later than the current one)."""
         steps = slot - self.slot
         if steps <= 0:
             return
-        for i in range(min(steps, self.size)):
-            self.on_close(self.slot + i, (self.idx + i) % self.size)
-            j = (self.idx + i + 1) % self.size
-            for name in self.FIELDS:
-                getattr(self, name)[j] = 0.0
+        size, idx, arrays = self.size, self.idx, self._arrays
+        for i in range(min(steps, size)):
+            self.on_close(self.slot + i, (idx + i) % size)
+            j = (idx + i + 1) % size
+            for values in arrays:
+                values[j] = 0.0
         self.slot = slot
         self.idx = slot % self.size
 
