@@ -2,7 +2,7 @@
 
 Commands: ``replay`` (events file through the engine), ``simulate`` (labelled synthetic fleet
 traffic), ``evaluate`` (score alerts against labels), ``demo`` (the two put together),
-``bench`` (throughput and memory), ``scorecard`` (several seeds, the README table) and
+``bench`` (throughput and memory), ``worker`` (the Kafka worker), ``scorecard`` (several seeds, the README table) and
 ``schemas`` (write or check ``schemas/``).
 """
 
@@ -86,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", type=int, default=1_000_000)
     p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best is kept")
     p.set_defaults(run=_bench)
+
+    p = sub.add_parser("worker", help="consume usage events from Kafka, publish alerts (settings: [kafka])")
+    _config_arg(p)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(run=_worker)
 
     p = sub.add_parser("schemas", help="write or check the JSON Schemas in schemas/")
     p.add_argument("--dir", type=Path, default=Path("schemas"))
@@ -340,6 +345,12 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         bench.throughput(args.events, args.repeat, console)
     return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from detector.worker.app import run_worker
+
+    return run_worker(_settings(args.config), loglevel=args.log_level)
 
 
 def _schemas(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from detector.detectors.budget_burn import BudgetBurn
 from detector.detectors.cost_spike import CostSpike
 from detector.detectors.retry_storm import RetryStorm
 from detector.pricing import ModelPrices
+from detector.worker.config import KafkaSettings
 
 TUNABLE = {cls.name: cls for cls in (CostSpike, RetryStorm, AgentLoop, BudgetBurn)}
 _NOT_TUNABLE = {"self", "budgets", "spent_to_date"}  # budgets come from [teams.*]
@@ -70,6 +71,9 @@ class Settings(BaseSettings):
         description="Per-detector parameters, named as the detector's constructor arguments.",
     )
     tick_seconds: float = Field(default=5.0, gt=0, description="Event-time step at which detectors are judged.")
+    kafka: KafkaSettings = Field(
+        default_factory=KafkaSettings, description="Broker, topics and pacing of `detector worker`."
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,93 @@
+"""``[kafka]`` settings of ``detector worker``: broker, topics, group, security, worker pacing.
+
+Read like every other setting: from the ``[kafka]`` table of the TOML file, overridden by
+``STORMWATCH_KAFKA__<FIELD>`` variables (``STORMWATCH_KAFKA__BOOTSTRAP_SERVERS=k1:9092,k2:9092``).
+
+>>> k = KafkaSettings(bootstrap_servers="k1:9092, kafka://k2:9093")
+>>> k.broker_urls(), k.usage_topic, k.group_id
+(['kafka://k1:9092', 'kafka://k2:9093'], 'llm.usage', 'stormwatch')
+>>> KafkaSettings(security_protocol="SASL_SSL")
+Traceback (most recent call last):
+...
+pydantic_core._pydantic_core.ValidationError: 1 validation error for KafkaSettings
+  Value error, security_protocol SASL_SSL needs sasl_mechanism, sasl_username and sasl_password ...
+...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+TopicName = str
+
+
+class KafkaSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bootstrap_servers: str = Field(
+        default="localhost:9092",
+        min_length=1,
+        description="Comma-separated host:port list (a kafka:// prefix is accepted).",
+    )
+    group_id: str = Field(
+        default="stormwatch", min_length=1, description="Consumer group, also the Faust app id; workers share it."
+    )
+    usage_topic: TopicName = Field(default="llm.usage", min_length=1, description="Usage events in (JSON).")
+    alerts_topic: TopicName = Field(
+        default="llm.alerts", min_length=1, description="Alert records out, keyed by incident_id."
+    )
+    breakers_topic: TopicName = Field(
+        default="llm.breakers", min_length=1, description="Circuit-breaker commands (compacted; declared, unused yet)."
+    )
+    dlq_topic: TopicName = Field(
+        default="llm.usage.dlq", min_length=1, description="Rejected usage messages, original bytes, reason in headers."
+    )
+    partitions: int = Field(default=8, ge=1, description="Partitions of topics the worker creates when missing.")
+    replication_factor: int = Field(default=1, ge=1, description="Replication of topics the worker creates.")
+    alerts_retention_days: float = Field(default=7.0, gt=0, description="retention.ms of the alerts topic.")
+    dlq_retention_days: float = Field(default=14.0, gt=0, description="retention.ms of the dead-letter topic.")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        default="earliest", description="Where a new consumer group starts reading the usage topic."
+    )
+
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = Field(default=None, description="CA bundle to verify the brokers (default: system CAs).")
+    ssl_certfile: Path | None = Field(default=None, description="Client certificate, for mutual TLS.")
+    ssl_keyfile: Path | None = Field(default=None, description="Key of the client certificate.")
+
+    data_dir: Path | None = Field(
+        default=None, description="Faust's data directory (default: ./<group_id>-data); no state is kept there yet."
+    )
+    web_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Faust's web server on 127.0.0.1:PORT; unset = no web server."
+    )
+    idle_advance_after_seconds: float = Field(
+        default=3.0,
+        gt=0,
+        description="After this much wall-clock time without events, event time advances with the wall clock "
+        "so that due alerts (and resolutions) still come out when traffic stops.",
+    )
+    summary_every_seconds: float = Field(default=60.0, gt=0, description="Period of the one-line summary log.")
+
+    @model_validator(mode="after")
+    def _security_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL_") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_mechanism, sasl_username and sasl_password"
+            )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together")
+        return self
+
+    def broker_urls(self) -> list[str]:
+        """Faust broker URLs, one per bootstrap server."""
+        hosts = [h.strip().removeprefix("kafka://") for h in self.bootstrap_servers.split(",") if h.strip()]
+        return [f"kafka://{h}" for h in hosts]
