@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from detector.detectors.base import Finding
 from detector.events import Alert, AlertKind, AlertStatus, Entity, Explanation, Severity, utc_from_epoch
 
+MAX_RELATED = 20
 NAMESPACE = uuid.UUID("5b3f1c0e-8f0a-4d5e-9a57-3f1c2e6d7a90")
 
 QUIET_SECONDS = {
@@ -125,7 +126,8 @@ class IncidentBook:
         )
         for other in self.open.values():
             if other.team == f.team:
-                other.related.append(inc.incident_id)
+                # A long-open incident (a budget burn) may meet many others: keep the latest few.
+                other.related = [*other.related[-(MAX_RELATED - 1) :], inc.incident_id]
                 inc.related.append(other.incident_id)
         self.open[key] = inc
         return self._record(inc, AlertStatus.FIRING, f.at)

@@ -80,3 +80,12 @@ def test_ids_are_deterministic() -> None:
     a = IncidentBook().observe([finding(0)])
     b = IncidentBook().observe([finding(0)])
     assert a[0].alert_id == b[0].alert_id and a[0].incident_id == b[0].incident_id
+
+
+def test_links_of_a_long_open_incident_stay_bounded() -> None:
+    book = IncidentBook()
+    (burn,) = book.observe([finding(0, kind=AlertKind.BUDGET_BURN, group="search")])
+    for i in range(30):
+        book.observe([finding(10 + i, entity=f"k{i}", group=f"search/agent-{i}", kind=AlertKind.AGENT_LOOP)])
+    related = book.open[(AlertKind.BUDGET_BURN, "search")].related
+    assert len(related) == 20 and burn.incident_id not in related
