@@ -80,11 +80,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.set_defaults(run=_scorecard)
 
-    p = sub.add_parser("bench", help="replay throughput against decode-only, and memory with 1M sessions")
-    p.add_argument("what", choices=["replay", "sessions"], nargs="?", default="replay")
-    p.add_argument("--events", type=Path, help="events file to replay (default: simulate one)")
+    p = sub.add_parser(
+        "bench", help="replay throughput against decode-only, memory with 1M sessions, a worker on Kafka"
+    )
+    p.add_argument("what", choices=["replay", "sessions", "kafka"], nargs="?", default="replay")
+    p.add_argument("--events", type=Path, help="events file to replay or produce (default: simulate one)")
     p.add_argument("--sessions", type=int, default=1_000_000)
     p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best is kept")
+    p.add_argument(
+        "--bootstrap",
+        default=os.environ.get("KAFKA_BOOTSTRAP"),
+        help="kafka: broker host:port (default: $KAFKA_BOOTSTRAP, else start one with deploy/kafka/kafka.sh)",
+    )
+    p.add_argument("--partitions", type=int, default=8, help="kafka: partitions of the benchmark topics")
+    p.add_argument("--rate", type=float, default=10_000.0, help="kafka: events/s of the alert-latency stream")
+    p.add_argument("--seconds", type=float, default=20.0, help="kafka: length of the alert-latency stream")
     p.set_defaults(run=_bench)
 
     p = sub.add_parser("worker", help="consume usage events from Kafka, publish alerts (settings: [kafka])")
@@ -340,7 +350,11 @@ def _bench(args: argparse.Namespace) -> int:
     from detector import bench
 
     console = Console()
-    if args.what == "sessions":
+    if args.what == "kafka":
+        from detector import bench_kafka
+
+        bench_kafka.kafka(args.bootstrap, args.events, args.repeat, args.partitions, args.rate, args.seconds, console)
+    elif args.what == "sessions":
         bench.sessions(args.sessions, console)
     else:
         bench.throughput(args.events, args.repeat, console)
