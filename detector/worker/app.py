@@ -1,20 +1,56 @@
-"""The Kafka shell: usage events from a topic through the engine, alerts to a topic.
+"""The Kafka shell: usage events from a topic through one engine per partition, alerts to a topic.
 
 :func:`create_app` wires one Faust app per call (no module-level app, so tests and the CLI
-build their own): the usage topic feeds one thin agent; the agent hands each message to a
-:class:`UsageHandler` (validation, the engine, counters: no Faust, no I/O) and publishes
-what comes back:
+build their own): the usage topic feeds one thin agent; the agent hands each message to the
+:class:`UsageHandler` of its partition (validation, the engine, counters: no Faust, no I/O)
+and publishes what comes back:
 
-* a valid event goes through the one :class:`~detector.engine.Engine` of this process; every
-  alert it returns goes to the alerts topic, keyed by ``incident_id``;
+* a valid event goes through the :class:`~detector.engine.Engine` of its usage partition; every
+  alert it returns goes to the alerts topic, keyed by ``incident_id``, with the headers
+  ``stormwatch-source-topic``, ``-partition`` and ``-offset`` (the event that raised it);
 * a message that is not JSON or breaks the contract goes to the dead-letter topic with its
-  original bytes and key, and the headers ``stormwatch-reason`` (what is wrong, one line),
-  ``stormwatch-source-topic``, ``-partition`` and ``-offset``. The worker goes on.
+  original bytes and key, and the headers ``stormwatch-reason`` (what is wrong, one line) and
+  the same source headers. The worker goes on.
 
-A message is acknowledged (its offset becomes committable) only when the agent asks for the
-next one, that is after its alerts or its dead letter were delivered to the broker.
+**One engine per usage partition.** Producers key events by API key, so a key's events stay in
+one partition and reach one engine in order; each partition has its own event time, idle clock
+and snapshot, so partitions move between workers independently. Events, idle ticks, snapshots
+and rebalances take turns under one lock (the agent handles one message at a time anyway).
+*Known limit*: team-level judgements (``budget_burn``, the team side of ``cost_spike`` and
+``retry_storm``) see only the part of a team whose keys hash to the same partition; a team
+spread over partitions is judged in pieces (a budget burn needs each piece to burn fast). The
+fix is a repartition by team: a second topic keyed by team feeding the team-level detectors.
 
-A one-second timer advances event time with the wall clock once the stream has been quiet
+**Durable state.** Every ``kafka.snapshot_every_seconds`` (wall clock), when partitions are
+revoked and on graceful shutdown, each partition whose engine changed is written to the
+compacted ``kafka.state_topic`` (key ``<usage topic>:<partition>``; format in
+:mod:`detector.worker.snapshots`) with the offset of the last event it includes, taken only
+after that event's alerts were delivered. The first event of a partition that has no snapshot
+is preceded by a snapshot of its empty engine, so a processed partition always has one.
+On assignment, before the consumer seeks, the worker reads the newest snapshot of each newly
+assigned partition, restores its engine (``restored partition N from snapshot at offset X``)
+and commits offset X+1 for the group, so the consumer resumes right after the snapshot even
+when Faust had committed further. The events in between are processed again; their alerts
+that the previous owner already published (found on the alerts topic after the end offsets
+recorded in the snapshot, by the source headers) are not published again.
+
+**Guarantee**, per usage partition, whether a worker stops gracefully or is killed (kill -9):
+
+* no event is lost to the engine and nothing learned is lost: every event after a snapshot's
+  offset is applied exactly once to the engine restored from it (events are *delivered* at
+  least once; a redelivered offset the engine already holds is skipped);
+* every alert is published at least once (before its event counts as processed) and at most
+  once per ``alert_id`` (ids are content-derived, so re-processing the same events from the
+  same state gives the same ids). Alerts raised by the idle clock depend on the wall clock and
+  need not repeat on re-processing, so the partition is snapshotted right after publishing
+  them: a crash inside that one write may still give a second record.
+
+Not covered: dead letters are at least once (a crash may re-send a few); a worker that lost its
+partitions without knowing it yet (a long pause) may publish what the new owner publishes too
+(no fencing: that needs Kafka transactions); a restored engine keeps the detector parameters
+it was snapshotted with (a changed ``[detectors]`` setting applies to new partitions only).
+
+A one-second timer advances event time with the wall clock once a partition has been quiet
 for ``kafka.idle_advance_after_seconds`` (see :mod:`detector.worker.clock`): due alerts still
 come out and incidents still resolve when traffic stops. Another timer logs a one-line
 summary every ``kafka.summary_every_seconds``.
@@ -34,14 +70,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import faust
+from aiokafka import TopicPartition  # type: ignore[import-untyped]
 from pydantic import ValidationError
 
 from detector.engine import Engine
@@ -50,14 +88,33 @@ from detector.replay import explain
 from detector.settings import Settings
 from detector.worker.clock import IdleClock
 from detector.worker.config import KafkaSettings
+from detector.worker.snapshots import (
+    SOURCE_OFFSET_HEADER,
+    SOURCE_PARTITION_HEADER,
+    SOURCE_TOPIC_HEADER,
+    Snapshot,
+    StateReader,
+    state_key,
+)
 
 log = logging.getLogger("stormwatch.worker")
 
+__all__ = [
+    "REASON_HEADER",
+    "SOURCE_OFFSET_HEADER",
+    "SOURCE_PARTITION_HEADER",
+    "SOURCE_TOPIC_HEADER",
+    "Partition",
+    "Rejected",
+    "UsageHandler",
+    "WorkerStats",
+    "create_app",
+    "run_worker",
+]
+
 REASON_HEADER = "stormwatch-reason"
-SOURCE_TOPIC_HEADER = "stormwatch-source-topic"
-SOURCE_PARTITION_HEADER = "stormwatch-source-partition"
-SOURCE_OFFSET_HEADER = "stormwatch-source-offset"
 IDLE_TICK_SECONDS = 1.0
+STATE_SEGMENT_MS = 10 * 60 * 1000  # roll state segments often, so compaction can drop old snapshots
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,16 +128,20 @@ class WorkerStats:
     rejected: int = 0
     alerts: int = 0
     idle_advances: int = 0
+    suppressed: int = 0  # alerts not published again: a previous owner of the partition had
     alerts_by_kind: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
 class UsageHandler:
-    """Raw message bytes in, alerts or a reject reason out. All the worker's logic, none of its I/O."""
+    """Raw message bytes in, alerts or a reject reason out. All the worker's logic, none of its I/O.
 
-    def __init__(self, engine: Engine, clock: IdleClock) -> None:
+    ``stats`` may be shared by the handlers of several partitions (the process's counters).
+    """
+
+    def __init__(self, engine: Engine, clock: IdleClock, stats: WorkerStats | None = None) -> None:
         self.engine = engine
         self.clock = clock
-        self.stats = WorkerStats()
+        self.stats = stats if stats is not None else WorkerStats()
 
     def handle(self, raw: bytes | None, wall: float) -> list[Alert] | Rejected:
         if raw is None:
@@ -101,11 +162,11 @@ class UsageHandler:
         self.stats.events += 1
         return self._count(alerts)
 
-    def idle_tick(self, wall: float) -> list[Alert]:
-        """Advance event time over a quiet stream (see :mod:`detector.worker.clock`)."""
+    def idle_tick(self, wall: float) -> list[Alert] | None:
+        """Advance event time over a quiet stream (see :mod:`detector.worker.clock`); None: not due."""
         now = self.clock.due(self.engine.stats.watermark, wall)
         if now is None:
-            return []
+            return None
         self.stats.idle_advances += 1
         return self._count(self.engine.advance(now))
 
@@ -116,18 +177,47 @@ class UsageHandler:
         return alerts
 
     def summary(self) -> str:
-        s, es = self.stats, self.engine.stats
-        mark = utc_from_epoch(es.watermark).isoformat() if es.watermark > float("-inf") else "-"
-        kinds = "".join(f" {k}.{st}={n}" for (k, st), n in sorted(s.alerts_by_kind.items()))
-        return (
-            f"events={s.events} rejected={s.rejected} alerts={s.alerts}{kinds} "
-            f"idle_advances={s.idle_advances} late={es.late_events} watermark={mark}"
-        )
+        return summary_line(self.stats, [self.engine])
+
+
+def summary_line(s: WorkerStats, engines: Iterable[Engine]) -> str:
+    engines = list(engines)
+    late = sum(e.stats.late_events for e in engines)
+    watermark = max((e.stats.watermark for e in engines), default=-math.inf)
+    mark = utc_from_epoch(watermark).isoformat() if watermark > -math.inf else "-"
+    kinds = "".join(f" {k}.{st}={n}" for (k, st), n in sorted(s.alerts_by_kind.items()))
+    suppressed = f" suppressed={s.suppressed}" if s.suppressed else ""
+    return (
+        f"events={s.events} rejected={s.rejected} alerts={s.alerts}{kinds} "
+        f"idle_advances={s.idle_advances}{suppressed} late={late} watermark={mark}"
+    )
+
+
+@dataclass
+class Partition:
+    """One usage partition this worker owns: its handler (engine), where it is, what was saved."""
+
+    number: int
+    handler: UsageHandler
+    offset: int = -1  # the last usage offset the engine includes (-1: none)
+    saved_offset: int | None = None  # offset of the last snapshot written or restored (None: none yet)
+    dirty: bool = False  # changed since the last snapshot
+    published: set[str] = field(default_factory=set)  # alert ids a previous owner already published
+    resumed: bool = False  # the first message since assignment was seen
+
+    def fresh_alerts(self, alerts: Sequence[Alert]) -> list[Alert]:
+        """``alerts`` without those already published by the previous owner of the partition."""
+        if not self.published:
+            return list(alerts)
+        return [a for a in alerts if a.alert_id not in self.published]
 
 
 def dlq_headers(reason: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
+    return [(REASON_HEADER, reason.encode()), *source_headers(topic, partition, offset)]
+
+
+def source_headers(topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
     return [
-        (REASON_HEADER, reason.encode()),
         (SOURCE_TOPIC_HEADER, topic.encode()),
         (SOURCE_PARTITION_HEADER, str(partition).encode()),
         (SOURCE_OFFSET_HEADER, str(offset).encode()),
@@ -154,14 +244,14 @@ def broker_credentials(k: KafkaSettings) -> Any:
     return None
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
-    """The Faust app of one worker process: topics, the usage agent, the idle and summary timers."""
+def create_app(settings: Settings, engine_factory: Callable[[], Engine] | None = None) -> faust.App:
+    """The Faust app of one worker process: topics, the usage agent, the idle, snapshot and summary timers."""
     k = settings.kafka
     app = faust.App(
         k.group_id,
         broker=k.broker_urls(),
         broker_credentials=broker_credentials(k),
-        store="memory://",  # no tables yet: all state is in this process's one Engine
+        store="memory://",  # no Faust tables: engines are snapshotted to the state topic by this module
         web_enabled=k.web_port is not None,
         web_port=k.web_port or 6066,
         web_bind="127.0.0.1",
@@ -169,11 +259,19 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
         topic_replication_factor=k.replication_factor,
         topic_disable_leader=True,  # no on_leader timers: skip the leader-election topic
         consumer_auto_offset_reset=k.auto_offset_reset,
+        broker_session_timeout=k.session_timeout_seconds,
+        broker_heartbeat_interval=min(3.0, k.session_timeout_seconds / 3),
+        producer_max_request_size=k.snapshot_max_bytes,
         autodiscover=False,
         datadir=str(k.data_dir) if k.data_dir is not None else "{conf.name}-data",  # Faust's default
     )
 
-    def topic(name: str, retention_days: float | None = None, compacting: bool | None = None) -> faust.TopicT:
+    def topic(
+        name: str,
+        retention_days: float | None = None,
+        compacting: bool | None = None,
+        config: dict[str, str] | None = None,
+    ) -> faust.TopicT:
         # internal=True: Faust creates the topic when it is missing (and leaves an existing one as it is).
         return app.topic(
             name,
@@ -184,21 +282,124 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
             retention=retention_days * 86400 if retention_days else None,
             compacting=compacting,
             deleting=False if compacting else None,
+            config=config,
         )
 
     usage_topic = topic(k.usage_topic)
     alerts_topic = topic(k.alerts_topic, retention_days=k.alerts_retention_days)
     dlq_topic = topic(k.dlq_topic, retention_days=k.dlq_retention_days)
     breakers_topic = topic(k.breakers_topic, compacting=True)
+    state_topic = topic(
+        k.state_topic,
+        compacting=True,
+        config={
+            "max.message.bytes": str(k.snapshot_max_bytes),
+            "segment.ms": str(STATE_SEGMENT_MS),
+            "min.cleanable.dirty.ratio": "0.1",
+        },
+    )
 
-    handler = UsageHandler(engine or Engine.from_settings(settings), IdleClock(k.idle_advance_after_seconds))
-    lock = asyncio.Lock()  # one engine: events and idle ticks take turns, alerts keep their order
+    make_engine = engine_factory or (lambda: Engine.from_settings(settings))
+    stats = WorkerStats()
+    parts: dict[int, Partition] = {}
+    reader = StateReader(k)
+    state_partitions: list[int] = []  # of the state topic, known once the reader started
+    lock = asyncio.Lock()  # events, idle ticks, snapshots and rebalances take turns
 
-    async def publish(alerts: Sequence[Alert]) -> None:
+    def new_partition(number: int, engine: Engine | None = None) -> Partition:
+        handler = UsageHandler(engine or make_engine(), IdleClock(k.idle_advance_after_seconds), stats)
+        return Partition(number, handler)
+
+    def summary() -> str:
+        where = ",".join(f"{n}@{parts[n].offset}" for n in sorted(parts))  # the last offset each engine holds
+        return f"{summary_line(stats, (p.handler.engine for p in parts.values()))} partitions={where or '-'}"
+
+    async def reader_ready() -> StateReader:
+        if not state_partitions:
+            await reader.start()
+            await state_topic.maybe_declare()
+            state_partitions.extend(tp.partition for tp in await reader.partitions(k.state_topic))
+        return reader
+
+    def state_tp(number: int) -> TopicPartition:
+        return TopicPartition(k.state_topic, state_partitions[number % len(state_partitions)])
+
+    async def save(batch: Sequence[Partition]) -> int:
+        """Write the partitions' engines to the state topic (under the lock); returns the bytes written."""
+        await reader_ready()
+        alerts_end = await reader.end_offsets(k.alerts_topic)  # every alert raised so far was delivered
+        pending, size = [], 0
+        for part in batch:
+            snap = Snapshot(k.usage_topic, part.number, part.offset, alerts_end, part.handler.engine.snapshot())
+            blob = snap.encode()
+            size += len(blob)
+            key = state_key(k.usage_topic, part.number).encode()
+            pending.append(await state_topic.send(key=key, value=blob, partition=state_tp(part.number).partition))
+        await asyncio.gather(*pending)  # one round trip for the lot
+        for part in batch:
+            part.saved_offset, part.dirty = part.offset, False
+        return size
+
+    async def save_all(why: str) -> None:
+        """Snapshot every changed partition (under the lock), one log line for the round."""
+        t0 = time.perf_counter()
+        batch = [p for p in parts.values() if p.dirty]
+        if batch:
+            size = await save(batch)
+            log.info(
+                "stormwatch: snapshot (%s) of partitions %s: %d bytes in %.3f s",
+                why,
+                " ".join(f"{p.number}@{p.offset}" for p in batch),
+                size,
+                time.perf_counter() - t0,
+            )
+
+    async def restore(numbers: Sequence[int]) -> None:
+        """Engines for newly assigned partitions: from their newest snapshot, or new."""
+        await reader_ready()
+        by_state: dict[TopicPartition, list[str]] = {}
+        for n in numbers:
+            by_state.setdefault(state_tp(n), []).append(state_key(k.usage_topic, n))
+        snaps = await reader.latest(by_state) if by_state else {}
+        for n in numbers:
+            snap = snaps.get(state_key(k.usage_topic, n))
+            if snap is None:
+                parts[n] = new_partition(n)
+                log.info("stormwatch: partition %d has no snapshot: a new engine", n)
+                continue
+            try:
+                engine = Engine.restore(snap.engine)
+            except Exception:  # an unreadable snapshot must not stop the worker: start afresh after it
+                log.exception("stormwatch: snapshot of partition %d at offset %d unreadable", n, snap.offset)
+                engine = make_engine()
+            part = parts[n] = new_partition(n, engine)
+            part.offset = part.saved_offset = snap.offset
+            part.published = await reader.published_since(k.alerts_topic, snap.alerts_end, (k.usage_topic, n))
+            log.info(
+                "stormwatch: restored partition %d from snapshot at offset %d (%d events learned, %d bytes; "
+                "%d alerts published since)",
+                n,
+                snap.offset,
+                engine.stats.events,
+                len(snap.engine),
+                len(part.published),
+            )
+
+    async def publish(part: Partition, alerts: Sequence[Alert], offset: int) -> None:
+        fresh = part.fresh_alerts(alerts)
+        if len(fresh) < len(alerts):
+            stats.suppressed += len(alerts) - len(fresh)
+            log.info(
+                "stormwatch: partition %d: not publishing again %s",
+                part.number,
+                " ".join(f"{a.kind.value}.{a.status.value}:{a.alert_id}" for a in alerts if a not in fresh),
+            )
+        headers = source_headers(k.usage_topic, part.number, offset)
         pending = [
-            await alerts_topic.send(key=a.incident_id.encode(), value=a.model_dump_json().encode()) for a in alerts
+            await alerts_topic.send(key=a.incident_id.encode(), value=a.model_dump_json().encode(), headers=headers)
+            for a in fresh
         ]
-        await asyncio.gather(*pending)  # delivered before the event is acknowledged
+        await asyncio.gather(*pending)  # delivered before the event counts as processed
 
     async def dead_letter(message: Any, reason: str) -> None:
         log.warning("rejected %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason[:300])
@@ -211,46 +412,104 @@ def create_app(settings: Settings, engine: Engine | None = None) -> faust.App:
 
     async def consume(stream: Any) -> None:
         log.info(
-            "stormwatch: %s -> %s (dead letters: %s), group %s, brokers %s",
+            "stormwatch: %s -> %s (dead letters: %s, state: %s), group %s, brokers %s",
             k.usage_topic,
             k.alerts_topic,
             k.dlq_topic,
+            k.state_topic,
             k.group_id,
             k.bootstrap_servers,
         )
-        for topic in (alerts_topic, dlq_topic, breakers_topic):
-            await topic.maybe_declare()
+        for t in (alerts_topic, dlq_topic, breakers_topic, state_topic):
+            await t.maybe_declare()
         async for event in stream.events():
             message = event.message
             async with lock:
-                result = handler.handle(message.value, time.monotonic())
+                part = parts.get(message.partition)
+                if part is None or message.offset <= part.offset:
+                    continue  # not ours (any more), or already in the engine
+                if not part.resumed:
+                    part.resumed = True
+                    if part.saved_offset is not None and message.offset > part.offset + 1:
+                        log.warning(
+                            "stormwatch: partition %d resumes at offset %d, not %d: events in between not seen",
+                            part.number,
+                            message.offset,
+                            part.offset + 1,
+                        )
+                if part.saved_offset is None:  # first event of a partition never saved: save the empty engine
+                    part.offset = message.offset - 1
+                    await save([part])
+                result = part.handler.handle(message.value, time.monotonic())
                 if isinstance(result, Rejected):
                     await dead_letter(message, result.reason)
                 elif result:
-                    await publish(result)
+                    await publish(part, result, message.offset)
+                part.offset, part.dirty = message.offset, True
 
     async def idle_tick() -> None:
         async with lock:
-            alerts = handler.idle_tick(time.monotonic())
-            if alerts:
-                await publish(alerts)
+            wall = time.monotonic()
+            for part in list(parts.values()):
+                alerts = part.handler.idle_tick(wall)
+                if alerts is None:
+                    continue
+                part.dirty = True
+                if alerts:
+                    await publish(part, alerts, part.offset)
+                    await save([part])  # wall-clock alerts need not repeat on re-processing: keep them now
 
-    async def summary() -> None:
-        log.info("stormwatch: %s", handler.summary())
+    async def snapshot_timer() -> None:
+        async with lock:
+            await save_all("periodic")
+
+    async def summary_timer() -> None:
+        log.info("stormwatch: %s", summary())
+
+    async def on_revoked(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        async with lock:
+            await save_all("revoked")
 
     async def on_assigned(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         assigned = args[0] if args else kwargs.get("assigned", ())
-        parts = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)
-        log.info("stormwatch: assigned %s", " ".join(parts) or "nothing")
+        names = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)
+        log.info("stormwatch: assigned %s", " ".join(names) or "nothing")
+
+    async def on_rebalance_complete(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        # Sent after assignment and before the consumer seeks to the committed offsets.
+        consumer = cast(Any, app.consumer)  # Faust's own commit only commits acknowledged offsets
+        assigned = {tp.partition: tp for tp in consumer.assignment() if tp.topic == k.usage_topic}
+        async with lock:
+            for n in sorted(set(parts) - set(assigned)):
+                del parts[n]  # saved when revoked
+            await restore(sorted(set(assigned) - set(parts)))
+            for part in parts.values():
+                part.resumed = False
+            resume_at = {assigned[n]: p.offset + 1 for n, p in parts.items() if p.saved_offset is not None}
+            if resume_at and not await consumer._commit(resume_at):
+                log.warning("stormwatch: could not commit resume offsets (a new rebalance?): %s", resume_at)
+            for tp, offset in resume_at.items():
+                # The consumer seeks to committed offsets next, but aiokafka skips a committed 0: seek here too.
+                await consumer.seek(tp, offset)
+            log.info("stormwatch: resuming %s", " ".join(f"{tp.partition}@{o}" for tp, o in sorted(resume_at.items())))
 
     async def on_shutdown(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
-        log.info("stormwatch: stopping: %s", handler.summary())
+        async with lock:
+            try:
+                await save_all("shutdown")
+            finally:
+                log.info("stormwatch: stopping: %s", summary())
+                await reader.stop()
 
     # Registered by call rather than as decorators, so each function keeps its own signature for mypy.
     app.agent(usage_topic, name=f"{k.group_id}.usage")(consume)
     app.timer(IDLE_TICK_SECONDS, name=f"{k.group_id}.idle_tick")(idle_tick)
-    app.timer(k.summary_every_seconds, name=f"{k.group_id}.summary")(summary)
-    app.on_partitions_assigned.connect(cast(Any, on_assigned))  # mode types receivers too narrowly
+    app.timer(k.snapshot_every_seconds, name=f"{k.group_id}.snapshot")(snapshot_timer)
+    app.timer(k.summary_every_seconds, name=f"{k.group_id}.summary")(summary_timer)
+    # mode types receivers too narrowly
+    app.on_partitions_revoked.connect(cast(Any, on_revoked))
+    app.on_partitions_assigned.connect(cast(Any, on_assigned))
+    app.on_rebalance_complete.connect(cast(Any, on_rebalance_complete))
     app.on_before_shutdown.connect(cast(Any, on_shutdown))
     return app
 

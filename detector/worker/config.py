@@ -42,6 +42,11 @@ class KafkaSettings(BaseModel):
     breakers_topic: TopicName = Field(
         default="llm.breakers", min_length=1, description="Circuit-breaker commands (compacted; declared, unused yet)."
     )
+    state_topic: TopicName = Field(
+        default="stormwatch.state",
+        min_length=1,
+        description="Engine snapshots (compacted), one record per usage partition, key '<usage_topic>:<partition>'.",
+    )
     dlq_topic: TopicName = Field(
         default="llm.usage.dlq", min_length=1, description="Rejected usage messages, original bytes, reason in headers."
     )
@@ -72,6 +77,24 @@ class KafkaSettings(BaseModel):
         gt=0,
         description="After this much wall-clock time without events, event time advances with the wall clock "
         "so that due alerts (and resolutions) still come out when traffic stops.",
+    )
+    session_timeout_seconds: float = Field(
+        default=60.0,
+        ge=6.0,
+        description="Consumer-group session timeout: how long a dead worker keeps its partitions before the "
+        "others take them over (the broker's group.min.session.timeout.ms is 6 s by default).",
+    )
+    snapshot_every_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Wall-clock period of engine snapshots to the state topic (also written on graceful shutdown "
+        "and when partitions are revoked). A crash re-processes at most this much traffic.",
+    )
+    snapshot_max_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="max.message.bytes of the state topic and the producer's max request size: "
+        "the largest compressed snapshot of one partition's engine.",
     )
     summary_every_seconds: float = Field(default=60.0, gt=0, description="Period of the one-line summary log.")
 

@@ -1,0 +1,193 @@
+"""Durable engine state: snapshot records on a compacted topic, and reading them back.
+
+A snapshot record holds one usage partition's engine: a one-line JSON header, a newline, then
+the zlib-compressed :meth:`Engine.snapshot <detector.engine.Engine.snapshot>` pickle. The
+header says which partition it is, the offset of the last usage event the engine includes,
+and the end offsets of the alerts topic when it was written (every alert the engine had raised
+by then was delivered before them), so that a new owner can find the alerts published after it.
+
+>>> snap = Snapshot(topic="llm.usage", partition=3, offset=41, alerts_end={0: 7, 1: 2}, engine=b"pickle" * 100)
+>>> blob = snap.encode()
+>>> blob.split(b"\\n", 1)[0]
+b'{"v":1,"topic":"llm.usage","partition":3,"offset":41,"alerts_end":{"0":7,"1":2},"engine_bytes":600}'
+>>> Snapshot.decode(blob) == snap, len(blob) < 200
+(True, True)
+>>> Snapshot.decode(b"garbage")
+Traceback (most recent call last):
+...
+ValueError: not a stormwatch snapshot record
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition  # type: ignore[import-untyped]
+
+from detector.worker.config import KafkaSettings
+
+ENVELOPE_VERSION = 1
+SOURCE_TOPIC_HEADER = "stormwatch-source-topic"
+SOURCE_PARTITION_HEADER = "stormwatch-source-partition"
+SOURCE_OFFSET_HEADER = "stormwatch-source-offset"
+
+
+def state_key(usage_topic: str, partition: int) -> str:
+    return f"{usage_topic}:{partition}"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    topic: str
+    partition: int
+    offset: int  # the last usage offset the engine includes; -1: none yet
+    alerts_end: Mapping[int, int]  # alerts-topic partition -> end offset when written
+    engine: bytes  # Engine.snapshot(), uncompressed
+
+    def encode(self, level: int = 1) -> bytes:
+        header = {
+            "v": ENVELOPE_VERSION,
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "alerts_end": {str(p): o for p, o in sorted(self.alerts_end.items())},
+            "engine_bytes": len(self.engine),
+        }
+        return json.dumps(header, separators=(",", ":")).encode() + b"\n" + zlib.compress(self.engine, level)
+
+    @classmethod
+    def decode(cls, blob: bytes) -> Snapshot:
+        line, sep, body = blob.partition(b"\n")
+        try:
+            header = json.loads(line) if sep else None
+        except ValueError:
+            header = None
+        if not isinstance(header, dict) or header.get("v") != ENVELOPE_VERSION:
+            raise ValueError("not a stormwatch snapshot record")
+        return cls(
+            topic=header["topic"],
+            partition=int(header["partition"]),
+            offset=int(header["offset"]),
+            alerts_end={int(p): int(o) for p, o in header["alerts_end"].items()},
+            engine=zlib.decompress(body),
+        )
+
+
+def aiokafka_security(k: KafkaSettings) -> dict[str, Any]:
+    """Keyword arguments for plain aiokafka clients, matching the Faust app's credentials."""
+    kwargs: dict[str, Any] = {"security_protocol": k.security_protocol}
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
+        if k.ssl_certfile is not None and k.ssl_keyfile is not None:
+            context.load_cert_chain(str(k.ssl_certfile), str(k.ssl_keyfile))
+        kwargs["ssl_context"] = context
+    if k.security_protocol.startswith("SASL_"):
+        assert k.sasl_password is not None  # checked by KafkaSettings
+        kwargs |= {
+            "sasl_mechanism": k.sasl_mechanism,
+            "sasl_plain_username": k.sasl_username,
+            "sasl_plain_password": k.sasl_password.get_secret_value(),
+        }
+    return kwargs
+
+
+class StateReader:
+    """Reads snapshots back and finds alerts already published; a plain consumer, no group."""
+
+    def __init__(self, k: KafkaSettings, timeout: float = 60.0) -> None:
+        self.k = k
+        self.timeout = timeout
+        self._consumer: AIOKafkaConsumer | None = None
+        self._partitions: dict[str, list[TopicPartition]] = {}
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=[u.removeprefix("kafka://") for u in self.k.broker_urls()],
+            group_id=None,
+            enable_auto_commit=False,
+            max_partition_fetch_bytes=self.k.snapshot_max_bytes,
+            fetch_max_bytes=self.k.snapshot_max_bytes,
+            **aiokafka_security(self.k),
+        )
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer:
+        assert self._consumer is not None, "StateReader not started"
+        return self._consumer
+
+    async def partitions(self, topic: str) -> list[TopicPartition]:
+        """The partitions of ``topic``, waiting (up to the timeout) for a topic just created to show."""
+        if topic not in self._partitions:
+            async with asyncio.timeout(self.timeout):
+                while not (found := (await self.consumer._client.fetch_all_metadata()).partitions_for_topic(topic)):
+                    await asyncio.sleep(0.2)
+            self._partitions[topic] = [TopicPartition(topic, p) for p in sorted(found)]
+        return self._partitions[topic]
+
+    async def end_offsets(self, topic: str) -> dict[int, int]:
+        tps = await self.partitions(topic)
+        return {tp.partition: o for tp, o in (await self.consumer.end_offsets(tps)).items()}
+
+    async def latest(self, keys: Mapping[TopicPartition, Iterable[str]]) -> dict[str, Snapshot]:
+        """The newest snapshot of each key, by the state-topic partition that holds it, reading back from the end.
+
+        Windows of growing size are read backwards from each partition's end offset until every
+        key is found (or the beginning is reached), so a restore reads about one snapshot per key,
+        not the uncompacted history of the partition.
+        """
+        consumer = self.consumer
+        tps = list(keys)
+        consumer.assign(tps)
+        begins = await consumer.beginning_offsets(tps)
+        ends = await consumer.end_offsets(tps)
+        found: dict[str, bytes | None] = {}
+        async with asyncio.timeout(self.timeout):
+            for tp in tps:
+                wanted = set(keys[tp])
+                begin, hi, window = begins[tp], ends[tp], 8
+                while wanted - found.keys() and hi > begin:
+                    lo = max(begin, hi - window)
+                    consumer.seek(tp, lo)
+                    newest: dict[str, bytes | None] = {}
+                    while await consumer.position(tp) < hi:
+                        for records in (await consumer.getmany(tp, timeout_ms=500)).values():
+                            for r in records:
+                                key = r.key.decode() if r.key is not None else ""
+                                if r.offset < hi and key in wanted:
+                                    newest[key] = r.value
+                    for key, value in newest.items():
+                        found.setdefault(key, value)
+                    hi, window = lo, window * 4
+        return {key: Snapshot.decode(v) for key, v in found.items() if v is not None}
+
+    async def published_since(self, alerts_topic: str, since: Mapping[int, int], source: tuple[str, int]) -> set[str]:
+        """Ids of the alerts that ``source`` (usage topic, partition) published after offsets ``since``."""
+        tps = await self.partitions(alerts_topic)
+        consumer = self.consumer
+        consumer.assign(tps)
+        begins = await consumer.beginning_offsets(tps)
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, max(since.get(tp.partition, 0), begins[tp]))
+        want = (source[0].encode(), str(source[1]).encode())
+        ids: set[str] = set()
+        async with asyncio.timeout(self.timeout):
+            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+                for records in (await consumer.getmany(*tps, timeout_ms=500)).values():
+                    for r in records:
+                        headers = dict(r.headers)
+                        if (headers.get(SOURCE_TOPIC_HEADER), headers.get(SOURCE_PARTITION_HEADER)) == want:
+                            ids.add(json.loads(r.value)["alert_id"])
+        return ids
