@@ -53,11 +53,11 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # type: ignore[import-untyped]
-from aiokafka import util as aiokafka_util
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
-from aiokafka.record import default_records, legacy_records, memory_records  # type: ignore[import-untyped]
 from rich.console import Console
 from rich.table import Table
+
+from detector.worker.aiokafka_check import c_extension_in_use
 
 KAFKA_SH = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "kafka.sh"
 BENCH_PORT = 19392  # distinct from 19092 (make kafka-up), 19192 and 19292 (tests)
@@ -68,21 +68,6 @@ TARGET_P99_MS = 1000.0
 
 
 # -- broker and clients ------------------------------------------------------------------------
-
-
-def c_extension_in_use() -> bool:
-    """Whether aiokafka runs its compiled record classes (the pure-Python fallback is several times slower)."""
-    # `import aiokafka.record._crecords` succeeds even when the compiled modules are missing or
-    # disabled: what matters is which classes the record modules actually export.
-    classes = (
-        default_records.DefaultRecordBatchBuilder,
-        default_records.DefaultRecordBatch,
-        legacy_records.LegacyRecordBatchBuilder,
-        memory_records.MemoryRecords,
-    )
-    return not aiokafka_util.NO_EXTENSIONS and all(
-        c.__module__.startswith("aiokafka.record._crecords.") for c in classes
-    )
 
 
 def _port_open(port: int) -> bool:

@@ -19,24 +19,9 @@ import time
 import uuid
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka import util as aiokafka_util
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.record import default_records, legacy_records, memory_records
 
-
-def c_extension_in_use() -> bool:
-    # `import aiokafka.record._crecords` succeeds even when the compiled modules are
-    # missing or disabled (AIOKAFKA_NO_EXTENSIONS=1): the record modules then silently
-    # fall back to pure Python. What matters is which classes they actually export.
-    classes = (
-        default_records.DefaultRecordBatchBuilder,
-        default_records.DefaultRecordBatch,
-        legacy_records.LegacyRecordBatchBuilder,
-        memory_records.MemoryRecords,
-    )
-    return not aiokafka_util.NO_EXTENSIONS and all(
-        c.__module__.startswith("aiokafka.record._crecords.") for c in classes
-    )
+from detector.worker.aiokafka_check import c_extension_in_use
 
 
 async def main(bootstrap: str, n: int = 1000) -> None:

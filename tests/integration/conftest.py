@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 KAFKA_SH = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "kafka.sh"
-SESSION_PORT = 19292  # distinct from 19092 (`make kafka-up`) and 19192 (test_kafka_broker.py's own)
+SESSION_PORT = 19292  # distinct from 19092, the default of `make kafka-up`
 
 
 @pytest.fixture(scope="session", autouse=True)

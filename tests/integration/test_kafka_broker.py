@@ -1,69 +1,26 @@
 """Real-broker check: the test Kafka from deploy/kafka works with aiokafka (+ its C extension).
 
-Uses $KAFKA_BOOTSTRAP when set (a broker someone else runs); otherwise starts its own broker
-with deploy/kafka/kafka.sh on 127.0.0.1:19192 (controller 19193, run dir in tmp_path) and
-stops it afterwards.
+Runs against the session broker of conftest.py ($KAFKA_BOOTSTRAP, or one started with
+deploy/kafka/kafka.sh).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from detector.worker.aiokafka_check import c_extension_in_use
+
 pytestmark = pytest.mark.integration
 
-KAFKA_SH = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "kafka.sh"
-OWN_PORT = 19192  # distinct from the default 19092 of `make kafka-up`
-
-
-def aiokafka_c_extension_in_use() -> bool:
-    from aiokafka import util
-    from aiokafka.record import default_records, legacy_records, memory_records
-
-    # The record modules silently fall back to pure Python when the compiled modules are
-    # missing or AIOKAFKA_NO_EXTENSIONS is set; check what they actually export.
-    classes = (
-        default_records.DefaultRecordBatchBuilder,
-        default_records.DefaultRecordBatch,
-        legacy_records.LegacyRecordBatchBuilder,
-        memory_records.MemoryRecords,
-    )
-    return not util.NO_EXTENSIONS and all(c.__module__.startswith("aiokafka.record._crecords.") for c in classes)
-
-
-@pytest.fixture
-def bootstrap(tmp_path: Path) -> Iterator[str]:
-    external = os.environ.get("KAFKA_BOOTSTRAP")
-    if external:
-        yield external
-        return
-    # No skip without Java: a missing broker must fail the run, not hide the Kafka tests.
-    assert shutil.which("java") or os.environ.get("JAVA_HOME"), "need Java 17 (or KAFKA_BOOTSTRAP) for Kafka tests"
-    env = {
-        **os.environ,
-        "KAFKA_PORT": str(OWN_PORT),
-        "KAFKA_CONTROLLER_PORT": str(OWN_PORT + 1),
-        "KAFKA_RUN_DIR": str(tmp_path / "kafka"),
-    }
-    try:
-        up = subprocess.run(["bash", str(KAFKA_SH), "up"], env=env, capture_output=True, text=True, timeout=300)
-        assert up.returncode == 0, f"kafka.sh up failed:\n{up.stderr}"
-        yield up.stdout.strip().splitlines()[-1]
-    finally:
-        subprocess.run(["bash", str(KAFKA_SH), "down"], env=env, capture_output=True, timeout=120)
 
 
 def test_aiokafka_c_extension_available() -> None:
-    assert aiokafka_c_extension_in_use(), "aiokafka runs without its C record extension"
+    assert c_extension_in_use(), "aiokafka runs without its C record extension"
 
 
 async def _roundtrip(bootstrap: str, n: int = 100, keys: int = 10) -> None:
@@ -125,6 +82,6 @@ async def _roundtrip(bootstrap: str, n: int = 100, keys: int = 10) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_broker_roundtrip_keyed_order(bootstrap: str) -> None:
-    assert aiokafka_c_extension_in_use()
-    asyncio.run(_roundtrip(bootstrap))
+def test_broker_roundtrip_keyed_order(kafka_bootstrap: str) -> None:
+    assert c_extension_in_use()
+    asyncio.run(_roundtrip(kafka_bootstrap))
