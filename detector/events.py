@@ -219,6 +219,70 @@ class IncidentLabel(BaseModel):
     end: UtcDatetime
 
 
+class BreakerState(StrEnum):
+    CLOSED = "closed"  # traffic flows
+    OPEN = "open"  # traffic refused until expires_at
+    HALF_OPEN = "half_open"  # a probe is allowed; the entity's behaviour decides
+
+
+BreakerEntityType = Literal["team", "api_key", "agent", "session"]
+
+
+class BreakerChange(BaseModel):
+    """One change of a circuit breaker: the value on the compacted breakers topic and the kill-switch webhook body.
+
+    The topic's key is ``<entity type>:<entity id>``, so the newest change per entity is its current state.
+    """
+
+    model_config = ConfigDict(
+        frozen=True,
+        title="Breaker change v1",
+        json_schema_extra={"$id": f"{SCHEMA_BASE}/breaker-change.v1.json"},
+    )
+
+    change_id: str = Field(description="Unique per change; the webhook-id, so receivers can drop repeats.")
+    entity: Entity = Field(description="What the breaker guards: a team, api_key, agent or session.")
+    owner: str = Field(description="Team that owns the entity.")
+    state: BreakerState = Field(description="State after this change.")
+    previous_state: BreakerState
+    version: int = Field(ge=1, description="Counts the changes of this entity's breaker; a higher one wins.")
+    changed_at: UtcDatetime
+    expires_at: UtcDatetime | None = Field(
+        default=None, description="When an open breaker turns half-open by itself (None: until closed by hand)."
+    )
+    reason: str = Field(description="Why, in one sentence a person can act on.")
+    incident_id: str | None = Field(default=None, description="The incident that tripped it, if any.")
+    actor: str = Field(description="'stormwatch' for policy, else the person or system that changed it.")
+
+
+class FeedbackLabel(StrEnum):
+    REAL = "real"
+    FALSE_ALARM = "false_alarm"
+    PLANNED = "planned"
+
+
+class IncidentFeedback(BaseModel):
+    """An owner's verdict on an incident; a false alarm or planned activity silences its pattern for a while."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        title="Incident feedback v1",
+        json_schema_extra={"$id": f"{SCHEMA_BASE}/incident-feedback.v1.json"},
+    )
+
+    feedback_id: str
+    incident_id: str
+    kind: AlertKind
+    entity: Entity
+    label: FeedbackLabel
+    actor: str = Field(description="Who labelled it.")
+    labelled_at: UtcDatetime
+    silence_seconds: float = Field(
+        default=0, ge=0, description="How long the same pattern on this entity stays quiet (false_alarm, planned)."
+    )
+    note: str = ""
+
+
 def utc_from_epoch(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
@@ -227,4 +291,6 @@ CONTRACTS: dict[str, type[BaseModel]] = {
     "usage-event.v1.json": UsageEvent,
     "alert.v1.json": Alert,
     "incident-label.v1.json": IncidentLabel,
+    "breaker-change.v1.json": BreakerChange,
+    "incident-feedback.v1.json": IncidentFeedback,
 }
