@@ -1,7 +1,7 @@
 """One real Kafka broker for the whole integration session.
 
 Uses ``$KAFKA_BOOTSTRAP`` when set (a broker someone else runs). Otherwise starts
-``deploy/kafka/kafka.sh up`` on 127.0.0.1:19292 (controller 19293) with its run directory in
+``deploy/kafka/kafka.sh up`` on two free ports of 127.0.0.1 (so several runs can share a machine) with its run directory in
 the session's tmp dir, exports ``KAFKA_BOOTSTRAP`` so every test (``test_kafka_broker.py``
 too) uses it, and stops it when the session ends. Tests keep apart by topic and group names.
 """
@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 KAFKA_SH = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "kafka.sh"
-SESSION_PORT = 19292  # distinct from 19092, the default of `make kafka-up`
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -30,8 +29,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert shutil.which("java") or os.environ.get("JAVA_HOME"), "need Java 17 (or KAFKA_BOOTSTRAP) for Kafka tests"
     env = {
         **os.environ,
-        "KAFKA_PORT": str(SESSION_PORT),
-        "KAFKA_CONTROLLER_PORT": str(SESSION_PORT + 1),
+        "KAFKA_PORT": "0",  # two free adjacent ports
         "KAFKA_RUN_DIR": str(tmp_path_factory.mktemp("kafka")),
     }
     try:
