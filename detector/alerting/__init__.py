@@ -1,0 +1,1 @@
+"""Getting alerts and kill-switch changes out to people and systems, durably."""
