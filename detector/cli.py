@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from detector import __version__
+from detector import __version__, breaker_cli
 from detector.engine import Engine
 from detector.events import CONTRACTS, Alert, IncidentLabel
 from detector.replay import Reject, ReplayResult, open_events, replay
@@ -101,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=_worker)
+
+    p = sub.add_parser("breaker", help="list, open or close circuit breakers on the breakers topic ([kafka])")
+    breaker_cli.add_arguments(p, _config_arg)
+    p.set_defaults(run=breaker_cli.run)
 
     p = sub.add_parser("schemas", help="write or check the JSON Schemas in schemas/")
     p.add_argument("--dir", type=Path, default=Path("schemas"))

@@ -1,0 +1,521 @@
+"""What a gateway embeds to enforce circuit breakers: a table, a topic follower, an ASGI middleware.
+
+* :class:`BreakerTable` holds the newest :class:`~detector.events.BreakerChange` of every entity
+  and answers :meth:`BreakerTable.allowed` with a few dict lookups (no allocation when nothing
+  is refused). ``open`` refuses until ``expires_at``; ``half_open``, and ``open`` past its
+  ``expires_at`` before the worker's half-open change arrived, let one probe request through
+  per ``probe_interval`` (per table, so per gateway process) and refuse the rest.
+* :class:`BreakerFollower` keeps a table up to date from the compacted breakers topic: plain
+  aiokafka, no consumer group, every partition from the beginning; ``await follower.ready``
+  waits until it caught up with the end offsets seen at start.
+* :class:`BreakerMiddleware` is pure ASGI: it reads the entity headers, answers a refused
+  request with HTTP 429, a JSON body and ``Retry-After``, and passes everything else on.
+
+>>> from detector.breakers import make_change
+>>> from detector.events import BreakerState, Entity
+>>> table = BreakerTable(probe_interval=30)
+>>> t0 = 1_793_952_000.0
+>>> change = make_change(Entity(type="session", id="s-1"), owner="search", state=BreakerState.OPEN,
+...                      previous=None, at=t0, reason="agent loop", actor="ana", expires_at=t0 + 600)
+>>> table.apply(change), table.apply(change)  # a repeat is ignored
+(True, False)
+>>> table.allowed(session="s-1", now=t0 + 1), table.allowed(session="s-2", api_key="k", now=t0 + 1)
+(False, True)
+>>> table.why(session="s-1", now=t0 + 1).reason, table.retry_after(change, now=t0 + 1)
+('agent loop', 599)
+>>> [table.allowed(session="s-1", now=t0 + 600 + dt) for dt in (0, 1, 30)]  # expired: one probe per 30 s
+[True, False, True]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from detector.events import BreakerChange, BreakerState
+
+__all__ = [
+    "BreakerFollower",
+    "BreakerMiddleware",
+    "BreakerTable",
+    "bench_allowed",
+]
+
+log = logging.getLogger("stormwatch.enforce")
+
+OPEN, HALF_OPEN, CLOSED = BreakerState.OPEN, BreakerState.HALF_OPEN, BreakerState.CLOSED
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Entry:
+    """A refusing breaker: its change, and times in epoch seconds."""
+
+    change: BreakerChange
+    open_until: float  # open: refuses everything before this (inf: until closed); half-open: -inf
+    next_probe: float  # from this time on, one probe request passes
+
+
+class BreakerTable:
+    """The newest change of every entity's breaker, and the gateway's yes or no.
+
+    ``apply`` keeps a change only if its version is higher than the entity's last one, so
+    repeated and out-of-order records are ignored. Closed entities cost nothing on the
+    request path; at most ``max_closed`` of their last changes are kept (oldest dropped),
+    for ordering and for ``detector breaker list --all``. Not thread-safe: use it from one
+    event loop (or one thread).
+    """
+
+    def __init__(self, probe_interval: float = 30.0, retry_after_unknown: int = 60, max_closed: int = 100_000) -> None:
+        if probe_interval <= 0 or retry_after_unknown < 1:
+            raise ValueError("probe_interval must be > 0 and retry_after_unknown >= 1")
+        self.probe_interval = probe_interval
+        self.retry_after_unknown = retry_after_unknown  # Retry-After of a breaker open until closed by hand
+        self.max_closed = max_closed
+        self.applied = 0
+        self.ignored = 0
+        self._latest: dict[str, BreakerChange] = {}  # key "<type>:<id>" -> newest change
+        self._closed: OrderedDict[str, None] = OrderedDict()
+        self._team: dict[str, _Entry] = {}
+        self._api_key: dict[str, _Entry] = {}
+        self._agent: dict[str, _Entry] = {}
+        self._session: dict[str, _Entry] = {}
+        self._by_type = {"team": self._team, "api_key": self._api_key, "agent": self._agent, "session": self._session}
+
+    # -- updates ---------------------------------------------------------------------------------
+
+    def apply(self, change: BreakerChange) -> bool:
+        """Take ``change`` if it is newer than what the table has for its entity; True if taken."""
+        refusing = self._by_type.get(change.entity.type)
+        key = f"{change.entity.type}:{change.entity.id}"
+        old = self._latest.get(key)
+        if refusing is None or (old is not None and change.version <= old.version):
+            self.ignored += 1
+            return False
+        self.applied += 1
+        self._latest[key] = change
+        ident = change.entity.id
+        if change.state is CLOSED:
+            refusing.pop(ident, None)
+            self._closed[key] = None
+            self._closed.move_to_end(key)
+            while len(self._closed) > self.max_closed:
+                del self._latest[self._closed.popitem(last=False)[0]]
+            return True
+        self._closed.pop(key, None)
+        at = change.changed_at.timestamp()
+        previous = refusing.get(ident)
+        if change.state is OPEN:
+            until = change.expires_at.timestamp() if change.expires_at is not None else math.inf
+            entry = _Entry(change, open_until=until, next_probe=until)
+        else:
+            entry = _Entry(change, open_until=-math.inf, next_probe=at)
+        if previous is not None and previous.open_until <= at:
+            # An expired open entry may have let a probe through already: the half-open change keeps its slot.
+            entry.next_probe = max(entry.next_probe, previous.next_probe)
+        refusing[ident] = entry
+        return True
+
+    def forget(self, key: str) -> None:
+        """Drop an entity (a tombstone, ``key`` = ``<type>:<id>``)."""
+        kind, _, ident = key.partition(":")
+        self._latest.pop(key, None)
+        self._closed.pop(key, None)
+        refusing = self._by_type.get(kind)
+        if refusing is not None:
+            refusing.pop(ident, None)
+
+    # -- the request path --------------------------------------------------------------------------
+
+    def allowed(
+        self,
+        api_key: str | None = None,
+        agent: str | None = None,
+        session: str | None = None,
+        team: str | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Whether a request of these entities may go on (a half-open probe counts as taken)."""
+        k = self._api_key.get(api_key) if api_key is not None else None
+        a = self._agent.get(agent) if agent is not None else None
+        s = self._session.get(session) if session is not None else None
+        t = self._team.get(team) if team is not None else None
+        if k is None and a is None and s is None and t is None:
+            return True
+        return self._decide((t, k, a, s), now, take_probe=True) is None
+
+    def check(
+        self,
+        api_key: str | None = None,
+        agent: str | None = None,
+        session: str | None = None,
+        team: str | None = None,
+        now: float | None = None,
+    ) -> BreakerChange | None:
+        """Like :meth:`allowed`, in one call: None to let the request through, else the refusing change."""
+        k = self._api_key.get(api_key) if api_key is not None else None
+        a = self._agent.get(agent) if agent is not None else None
+        s = self._session.get(session) if session is not None else None
+        t = self._team.get(team) if team is not None else None
+        if k is None and a is None and s is None and t is None:
+            return None
+        return self._decide((t, k, a, s), now, take_probe=True)
+
+    def why(
+        self,
+        api_key: str | None = None,
+        agent: str | None = None,
+        session: str | None = None,
+        team: str | None = None,
+        now: float | None = None,
+    ) -> BreakerChange | None:
+        """The change that refuses these entities now (for the error body), without taking a probe."""
+        entries = (
+            self._team.get(team) if team is not None else None,
+            self._api_key.get(api_key) if api_key is not None else None,
+            self._agent.get(agent) if agent is not None else None,
+            self._session.get(session) if session is not None else None,
+        )
+        return self._decide(entries, now, take_probe=False)
+
+    def _decide(
+        self, entries: tuple[_Entry | None, ...], now: float | None, take_probe: bool
+    ) -> BreakerChange | None:
+        if now is None:
+            now = time.time()
+        probes: list[_Entry] = []
+        for e in entries:
+            if e is None:
+                continue
+            if now < e.open_until or now < e.next_probe:
+                return e.change
+            probes.append(e)
+        if take_probe:
+            for e in probes:  # only when the request goes through on every breaker
+                e.next_probe = now + self.probe_interval
+        return None
+
+    def retry_after(self, change: BreakerChange, now: float | None = None) -> int:
+        """Whole seconds until ``change``'s breaker may let a request through (``Retry-After``)."""
+        if now is None:
+            now = time.time()
+        entry = self._by_type.get(change.entity.type, {}).get(change.entity.id)
+        if entry is None:
+            return 1
+        at = entry.open_until if now < entry.open_until else entry.next_probe
+        if math.isinf(at):
+            return self.retry_after_unknown
+        return max(1, math.ceil(at - now))
+
+    # -- listing -----------------------------------------------------------------------------------
+
+    def changes(self) -> list[BreakerChange]:
+        """The newest change of every entity the table knows (closed ones too)."""
+        return list(self._latest.values())
+
+    def get(self, key: str) -> BreakerChange | None:
+        """The newest change of ``key`` (``<type>:<id>``)."""
+        return self._latest.get(key)
+
+    def __len__(self) -> int:
+        """Refusing (open or half-open) breakers."""
+        return sum(len(d) for d in self._by_type.values())
+
+
+def bench_allowed(calls: int = 1_000_000, breakers: int = 10_000, refused: bool = False) -> float:
+    """Nanoseconds per :meth:`BreakerTable.allowed` call, with ``breakers`` open session breakers.
+
+    The request carries all four ids; with ``refused`` its session is one of the open ones,
+    else (the common case) none of its entities has a breaker. Loop overhead included.
+    """
+    from detector.breakers import make_change
+    from detector.events import Entity
+
+    table = BreakerTable()
+    t0 = time.time()
+    for i in range(breakers):
+        table.apply(
+            make_change(
+                Entity(type="session", id=f"s-{i}"),
+                owner="bench",
+                state=OPEN,
+                previous=None,
+                at=t0,
+                reason="bench",
+                actor="bench",
+                expires_at=t0 + 3600,
+            )
+        )
+    session = "s-0" if refused else "s-none"
+    allowed = table.allowed
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter_ns()
+        for _ in range(calls):
+            allowed(api_key="k-1", agent="agent-1", session=session, team="search")
+        best = min(best, (time.perf_counter_ns() - start) / calls)
+    return best
+
+
+# -- the follower ------------------------------------------------------------------------------
+
+
+class BreakerFollower:
+    """Keeps a :class:`BreakerTable` up to date from the compacted breakers topic.
+
+    No consumer group: every partition of ``topic`` is assigned and read from the beginning
+    (the topic may not exist yet: it is looked for every ``poll_seconds``, without creating
+    it). ``await follower.ready`` resolves once every partition was read up to the end offsets
+    seen when the partitions were assigned, and raises if the follower failed for good first.
+    A record that is not a valid :class:`BreakerChange` is logged and skipped; a tombstone
+    (null value) forgets its entity. Transient broker errors are retried; the table keeps its
+    last state meanwhile. Partitions added to the topic after start are not picked up.
+
+    Security settings are aiokafka's own arguments (``security_protocol``, ``ssl_context``,
+    ``sasl_mechanism``, ``sasl_plain_username``, ``sasl_plain_password``).
+    """
+
+    def __init__(
+        self,
+        table: BreakerTable,
+        bootstrap_servers: str | list[str],
+        topic: str = "llm.breakers",
+        *,
+        security_protocol: str = "PLAINTEXT",
+        ssl_context: ssl.SSLContext | None = None,
+        sasl_mechanism: str | None = None,
+        sasl_plain_username: str | None = None,
+        sasl_plain_password: str | None = None,
+        client_id: str = "stormwatch-breakers",
+        poll_seconds: float = 0.5,
+    ) -> None:
+        if isinstance(bootstrap_servers, str):
+            bootstrap_servers = bootstrap_servers.split(",")
+        self.table = table
+        self.topic = topic
+        self.bootstrap_servers = [s.strip().removeprefix("kafka://") for s in bootstrap_servers if s.strip()]
+        self.poll_seconds = poll_seconds
+        self.records = 0  # records read
+        self.rejected = 0  # records that were not a valid BreakerChange
+        self._client_options: dict[str, Any] = {
+            "client_id": client_id,
+            "security_protocol": security_protocol,
+            "ssl_context": ssl_context,
+        }
+        if sasl_mechanism is not None:
+            self._client_options |= {
+                "sasl_mechanism": sasl_mechanism,
+                "sasl_plain_username": sasl_plain_username,
+                "sasl_plain_password": sasl_plain_password,
+            }
+        self._consumer: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._changed: asyncio.Condition | None = None
+
+    @property
+    def ready(self) -> asyncio.Future[None]:
+        """Resolves when the table holds everything the topic held at start."""
+        if self._ready is None:
+            self._ready = asyncio.get_running_loop().create_future()
+        return self._ready
+
+    async def start(self) -> None:
+        """Connect (raises if no broker answers) and start following in a task."""
+        from aiokafka import AIOKafkaConsumer  # type: ignore[import-untyped]
+
+        _ = self.ready
+        self._changed = asyncio.Condition()
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            **self._client_options,
+        )
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run(), name=f"breaker-follower:{self.topic}")
+        self._task.add_done_callback(self._died)
+
+    def _died(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("breaker follower on %s stopped: %r; the table keeps its last state", self.topic, error)
+            if not self.ready.done():
+                self.ready.set_exception(error)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # an error was logged and set on ready
+                await self._task
+            self._task = None
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+        if self._ready is not None and not self._ready.done():
+            self._ready.cancel()
+
+    async def __aenter__(self) -> BreakerFollower:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def wait_until(self, predicate: Callable[[BreakerTable], bool], timeout: float) -> None:
+        """Wait (up to ``timeout`` s, else TimeoutError) until ``predicate(table)`` holds after an update."""
+        assert self._changed is not None, "BreakerFollower not started"
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: predicate(self.table))
+
+    async def _run(self) -> None:
+        from aiokafka import TopicPartition
+        from aiokafka.errors import KafkaError  # type: ignore[import-untyped]
+
+        consumer, changed, ready = self._consumer, self._changed, self.ready
+        assert changed is not None
+        try:
+            while not (found := (await consumer._client.fetch_all_metadata()).partitions_for_topic(self.topic)):
+                await asyncio.sleep(self.poll_seconds)  # no topic yet: asking for it by name could create it
+            tps = [TopicPartition(self.topic, p) for p in sorted(found)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            log.info("following %s: %d partitions, %d records to catch up", self.topic, len(tps), sum(ends.values()))
+        except Exception as error:
+            if not ready.done():
+                ready.set_exception(error)
+            log.exception("breaker follower could not start on %s", self.topic)
+            raise
+        backoff = self.poll_seconds
+        while True:
+            if not ready.done() and all([await consumer.position(tp) >= end for tp, end in ends.items()]):
+                ready.set_result(None)
+                log.info("breaker table caught up: %d refusing", len(self.table))
+            try:
+                batch = await consumer.getmany(*tps, timeout_ms=int(self.poll_seconds * 1000))
+            except KafkaError as error:
+                if not getattr(error, "retriable", False) and not ready.done():
+                    ready.set_exception(error)
+                    raise
+                log.warning("breaker follower: %s; retrying in %.1f s", error, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = self.poll_seconds
+            if not batch:
+                continue
+            for records in batch.values():
+                for r in records:
+                    self._apply(r)
+            async with changed:
+                changed.notify_all()
+
+    def _apply(self, record: Any) -> None:
+        self.records += 1
+        if record.value is None:
+            if record.key is not None:
+                self.table.forget(record.key.decode(errors="replace"))
+            return
+        try:
+            change = BreakerChange.model_validate_json(record.value)
+        except ValidationError as error:
+            self.rejected += 1
+            log.warning(
+                "skipped %s[%d]@%d: not a breaker change: %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                str(error).splitlines()[0],
+            )
+            return
+        self.table.apply(change)
+
+
+# -- the middleware ----------------------------------------------------------------------------
+
+
+class BreakerMiddleware:
+    """Pure ASGI middleware: refuses requests whose entities have a breaker open, with HTTP 429.
+
+    The entities come from request headers (names are case-insensitive). A refused HTTP
+    request gets ``{"error": "circuit_open", "entity", "state", "reason", "incident_id",
+    "retry_after"}`` and a ``Retry-After`` header; a refused websocket is closed with code 1008
+    before it is accepted. Everything else (lifespan too) goes to ``app`` untouched.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        table: BreakerTable,
+        *,
+        api_key_header: str = "x-api-key-id",
+        agent_header: str = "x-agent-id",
+        session_header: str = "x-session-id",
+        team_header: str = "x-team",
+    ) -> None:
+        self.app = app
+        self.table = table
+        names = (api_key_header, agent_header, session_header, team_header)
+        self._slots = {name.lower().encode("latin-1"): i for i, name in enumerate(names)}
+        if len(self._slots) != 4:
+            raise ValueError("the four entity headers must have different names")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
+            await self.app(scope, receive, send)
+            return
+        ids: list[str | None] = [None, None, None, None]
+        slots = self._slots
+        for name, value in scope.get("headers") or ():
+            i = slots.get(name)
+            if i is not None and value:
+                ids[i] = value.decode("latin-1")
+        now = time.time()
+        refusal = self.table.check(api_key=ids[0], agent=ids[1], session=ids[2], team=ids[3], now=now)
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        if kind == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": "circuit_open"})
+            return
+        retry_after = self.table.retry_after(refusal, now)
+        body = orjson.dumps(
+            {
+                "error": "circuit_open",
+                "entity": f"{refusal.entity.type}:{refusal.entity.id}",
+                "state": refusal.state.value,
+                "reason": refusal.reason,
+                "incident_id": refusal.incident_id,
+                "retry_after": retry_after,
+            }
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 429,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"retry-after", str(retry_after).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
