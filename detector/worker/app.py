@@ -1,9 +1,11 @@
 """The Kafka shell: usage events from a topic through one engine per partition, alerts to a topic.
 
 :func:`create_app` wires one Faust app per call (no module-level app, so tests and the CLI
-build their own): the usage topic feeds one thin agent; the agent hands each message to the
-:class:`UsageHandler` of its partition (validation, the engine, counters: no Faust, no I/O)
-and publishes what comes back:
+build their own). Faust hosts the worker: producer, topic declaration, timers, web server and
+shutdown; the usage topic is read in batches by :class:`~detector.worker.consumer.UsageConsumer`
+(aiokafka, consumer group ``kafka.group_id``), which hands them to the :class:`Runtime`; the
+runtime passes each message to the :class:`UsageHandler` of its partition (validation, the
+engine, counters: no Faust, no I/O) and publishes what comes back:
 
 * a valid event goes through the :class:`~detector.engine.Engine` of its usage partition; every
   alert it returns goes to the alerts topic, keyed by ``incident_id``, with the headers
@@ -15,7 +17,7 @@ and publishes what comes back:
 **One engine per usage partition.** Producers key events by API key, so a key's events stay in
 one partition and reach one engine in order; each partition has its own event time, idle clock
 and snapshot, so partitions move between workers independently. Events, idle ticks, snapshots
-and rebalances take turns under one lock (the agent handles one message at a time anyway).
+and rebalances take turns under one lock.
 *Known limit*: team-level judgements (``budget_burn``, the team side of ``cost_spike`` and
 ``retry_storm``) see only the part of a team whose keys hash to the same partition; a team
 spread over partitions is judged in pieces (a budget burn needs each piece to burn fast). The
@@ -27,10 +29,9 @@ compacted ``kafka.state_topic`` (key ``<usage topic>:<partition>``; format in
 :mod:`detector.worker.snapshots`) with the offset of the last event it includes, taken only
 after that event's alerts were delivered. The first event of a partition that has no snapshot
 is preceded by a snapshot of its empty engine, so a processed partition always has one.
-On assignment, before the consumer seeks, the worker reads the newest snapshot of each newly
-assigned partition, restores its engine (``restored partition N from snapshot at offset X``)
-and commits offset X+1 for the group, so the consumer resumes right after the snapshot even
-when Faust had committed further. The events in between are processed again; their alerts
+On assignment the worker reads the newest snapshot of each newly assigned partition, restores
+its engine (``restored partition N from snapshot at offset X``) and seeks the consumer to
+offset X+1, whatever the group had committed. The events in between are processed again; their alerts
 that the previous owner already published (found on the alerts topic after the end offsets
 recorded in the snapshot, by the source headers) are not published again.
 
@@ -49,6 +50,8 @@ Not covered: dead letters are at least once (a crash may re-send a few); a worke
 partitions without knowing it yet (a long pause) may publish what the new owner publishes too
 (no fencing: that needs Kafka transactions); a restored engine keeps the detector parameters
 it was snapshotted with (a changed ``[detectors]`` setting applies to new partitions only).
+Events, idle ticks, snapshots and rebalances take turns under one lock; a batch holds it for at
+most :data:`~detector.worker.consumer.MAX_BATCH` events.
 
 A one-second timer advances event time with the wall clock once a partition has been quiet
 for ``kafka.idle_advance_after_seconds`` (see :mod:`detector.worker.clock`): due alerts still
@@ -74,7 +77,7 @@ import math
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -88,6 +91,7 @@ from detector.replay import explain
 from detector.settings import Settings
 from detector.worker.clock import IdleClock
 from detector.worker.config import KafkaSettings
+from detector.worker.consumer import NoFaustConsumer, UsageConsumer
 from detector.worker.snapshots import (
     SOURCE_OFFSET_HEADER,
     SOURCE_PARTITION_HEADER,
@@ -106,6 +110,7 @@ __all__ = [
     "SOURCE_TOPIC_HEADER",
     "Partition",
     "Rejected",
+    "Runtime",
     "UsageHandler",
     "WorkerStats",
     "create_app",
@@ -204,6 +209,7 @@ class Partition:
     dirty: bool = False  # changed since the last snapshot
     published: set[str] = field(default_factory=set)  # alert ids a previous owner already published
     resumed: bool = False  # the first message since assignment was seen
+    reseeks: int = 0  # times the consumer was sent back to offset + 1 since assignment
 
     def fresh_alerts(self, alerts: Sequence[Alert]) -> list[Alert]:
         """``alerts`` without those already published by the previous owner of the partition."""
@@ -244,10 +250,252 @@ def broker_credentials(k: KafkaSettings) -> Any:
     return None
 
 
+class Runtime:
+    """The partitions this worker owns and everything done to them: batches, snapshots, restores, publishing.
+
+    Its coroutines take turns under one lock; the consumer calls :meth:`process`, :meth:`revoked`
+    and :meth:`assigned`, the timers :meth:`idle_tick` and :meth:`save_all`.
+    """
+
+    def __init__(
+        self,
+        k: KafkaSettings,
+        topics: WorkerTopics,
+        make_engine: Callable[[], Engine],
+        reader: StateReader,
+    ) -> None:
+        self.k = k
+        self.topics = topics
+        self.make_engine = make_engine
+        self.reader = reader
+        self.stats = WorkerStats()
+        self.parts: dict[int, Partition] = {}
+        self.lock = asyncio.Lock()
+        self._state_partitions: list[int] = []  # of the state topic, known once the reader started
+        self.seek: Callable[[TopicPartition, int], None] | None = None  # the consumer's, set on assignment
+
+    def new_partition(self, number: int, engine: Engine | None = None) -> Partition:
+        clock = IdleClock(self.k.idle_advance_after_seconds)
+        return Partition(number, UsageHandler(engine or self.make_engine(), clock, self.stats))
+
+    def summary(self) -> str:
+        parts = self.parts
+        where = ",".join(f"{n}@{parts[n].offset}" for n in sorted(parts))  # the last offset each engine holds
+        return f"{summary_line(self.stats, (p.handler.engine for p in parts.values()))} partitions={where or '-'}"
+
+    async def reader_ready(self) -> StateReader:
+        if not self._state_partitions:
+            await self.reader.start()
+            await self.topics.state.maybe_declare()
+            self._state_partitions.extend(tp.partition for tp in await self.reader.partitions(self.k.state_topic))
+        return self.reader
+
+    def state_tp(self, number: int) -> TopicPartition:
+        return TopicPartition(self.k.state_topic, self._state_partitions[number % len(self._state_partitions)])
+
+    async def save(self, batch: Sequence[Partition]) -> int:
+        """Write the partitions' engines to the state topic (under the lock); returns the bytes written."""
+        k, reader = self.k, await self.reader_ready()
+        alerts_end = await reader.end_offsets(k.alerts_topic)  # every alert raised so far was delivered
+        pending, size = [], 0
+        for part in batch:
+            engine = part.handler.engine.snapshot()
+            blob = Snapshot(k.usage_topic, part.number, part.offset, alerts_end, engine).encode()
+            size += len(blob)
+            key = state_key(k.usage_topic, part.number).encode()
+            target = self.state_tp(part.number).partition
+            pending.append(await self.topics.state.send(key=key, value=blob, partition=target))
+        await asyncio.gather(*pending)  # one round trip for the lot
+        for part in batch:
+            part.saved_offset, part.dirty = part.offset, False
+        return size
+
+    async def save_all(self, why: str) -> None:
+        """Snapshot every changed partition, one log line for the round."""
+        async with self.lock:
+            t0 = time.perf_counter()
+            batch = [p for p in self.parts.values() if p.dirty]
+            if batch:
+                size = await self.save(batch)
+                log.info(
+                    "stormwatch: snapshot (%s) of partitions %s: %d bytes in %.3f s",
+                    why,
+                    " ".join(f"{p.number}@{p.offset}" for p in batch),
+                    size,
+                    time.perf_counter() - t0,
+                )
+
+    async def restore(self, numbers: Sequence[int]) -> None:
+        """Engines for newly assigned partitions: from their newest snapshot, or new (under the lock)."""
+        k, reader = self.k, await self.reader_ready()
+        by_state: dict[TopicPartition, list[str]] = {}
+        for n in numbers:
+            by_state.setdefault(self.state_tp(n), []).append(state_key(k.usage_topic, n))
+        snaps = await reader.latest(by_state) if by_state else {}
+        for n in numbers:
+            snap = snaps.get(state_key(k.usage_topic, n))
+            if snap is None:
+                self.parts[n] = self.new_partition(n)
+                log.info("stormwatch: partition %d has no snapshot: a new engine", n)
+                continue
+            try:
+                engine = Engine.restore(snap.engine)
+            except Exception:  # an unreadable snapshot must not stop the worker: start afresh after it
+                log.exception("stormwatch: snapshot of partition %d at offset %d unreadable", n, snap.offset)
+                engine = self.make_engine()
+            part = self.parts[n] = self.new_partition(n, engine)
+            part.offset = part.saved_offset = snap.offset
+            part.published = await reader.published_since(k.alerts_topic, snap.alerts_end, (k.usage_topic, n))
+            log.info(
+                "stormwatch: restored partition %d from snapshot at offset %d (%d events learned, %d bytes; "
+                "%d alerts published since)",
+                n,
+                snap.offset,
+                engine.stats.events,
+                len(snap.engine),
+                len(part.published),
+            )
+
+    async def publish(self, part: Partition, alerts: Sequence[Alert], offset: int) -> list[Awaitable[Any]]:
+        """Send the alerts a previous owner did not already publish; returns the deliveries to await."""
+        fresh = part.fresh_alerts(alerts)
+        if len(fresh) < len(alerts):
+            self.stats.suppressed += len(alerts) - len(fresh)
+            log.info(
+                "stormwatch: partition %d: not publishing again %s",
+                part.number,
+                " ".join(f"{a.kind.value}.{a.status.value}:{a.alert_id}" for a in alerts if a not in fresh),
+            )
+        headers = source_headers(self.k.usage_topic, part.number, offset)
+        send = self.topics.alerts.send
+        return [
+            await send(key=a.incident_id.encode(), value=a.model_dump_json().encode(), headers=headers) for a in fresh
+        ]
+
+    async def dead_letter(self, record: Any, reason: str) -> Awaitable[Any]:
+        log.warning("rejected %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason[:300])
+        return await self.topics.dlq.send(
+            key=record.key,
+            value=record.value,
+            headers=dlq_headers(reason, record.topic, record.partition, record.offset),
+        )
+
+    async def process(self, batches: Mapping[TopicPartition, Sequence[Any]]) -> int:
+        """One fetched batch per partition through its engine; returns the events handled.
+
+        Alerts and dead letters of the whole batch are sent together and awaited before the
+        partitions' offsets move: an offset (and so a snapshot) never covers an undelivered alert.
+        """
+        handled = 0
+        async with self.lock:
+            wall = time.monotonic()
+            pending: list[Awaitable[Any]] = []
+            moved: list[tuple[Partition, int]] = []
+            for tp, records in batches.items():
+                part = self.parts.get(tp.partition)
+                if part is None:
+                    continue  # not ours any more
+                fresh = [r for r in records if r.offset > part.offset]  # a redelivered offset is in the engine
+                if not fresh:
+                    continue
+                first = fresh[0].offset
+                if not part.resumed:
+                    if part.saved_offset is not None and first > part.offset + 1 and self.seek and part.reseeks < 3:
+                        # aiokafka may reset a just-assigned partition to the group's committed offset after
+                        # the listener's seek (a race in its position refresh): go back to the snapshot's.
+                        log.info(
+                            "stormwatch: partition %d fetched from offset %d, seeking back to %d",
+                            part.number,
+                            first,
+                            part.offset + 1,
+                        )
+                        self.seek(tp, part.offset + 1)
+                        part.reseeks += 1  # should it keep failing, say so below
+                        continue
+                    part.resumed = True
+                    if part.saved_offset is not None and first > part.offset + 1:
+                        log.warning(
+                            "stormwatch: partition %d resumes at offset %d, not %d: events in between not seen",
+                            part.number,
+                            first,
+                            part.offset + 1,
+                        )
+                if part.saved_offset is None:  # first event of a partition never saved: save the empty engine
+                    part.offset = first - 1
+                    await self.save([part])
+                handle = part.handler.handle
+                for r in fresh:
+                    result = handle(r.value, wall)
+                    if isinstance(result, Rejected):
+                        pending.append(await self.dead_letter(r, result.reason))
+                    elif result:
+                        pending.extend(await self.publish(part, result, r.offset))
+                moved.append((part, fresh[-1].offset))
+                handled += len(fresh)
+            await asyncio.gather(*pending)  # delivered before the events count as processed
+            for part, offset in moved:
+                part.offset, part.dirty = offset, True
+        return handled
+
+    async def idle_tick(self) -> None:
+        async with self.lock:
+            wall = time.monotonic()
+            for part in list(self.parts.values()):
+                alerts = part.handler.idle_tick(wall)
+                if alerts is None:
+                    continue
+                part.dirty = True
+                if alerts:
+                    await asyncio.gather(*await self.publish(part, alerts, part.offset))
+                    await self.save([part])  # wall-clock alerts need not repeat on re-processing: keep them now
+
+    async def revoked(self, partitions: Iterable[TopicPartition]) -> None:
+        names = sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)
+        log.info("stormwatch: revoked %s", " ".join(names) or "nothing")
+        await self.save_all("revoked")
+
+    async def assigned(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """Take the new assignment: drop partitions gone, restore new ones; returns where each must resume."""
+        assigned = {tp.partition: tp for tp in partitions if tp.topic == self.k.usage_topic}
+        names = sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)
+        log.info("stormwatch: assigned %s", " ".join(names) or "nothing")
+        async with self.lock:
+            for n in sorted(set(self.parts) - set(assigned)):
+                del self.parts[n]  # saved when revoked
+            await self.restore(sorted(set(assigned) - set(self.parts)))
+            for part in self.parts.values():
+                part.resumed, part.reseeks = False, 0
+            resume_at = {assigned[n]: p.offset + 1 for n, p in self.parts.items() if p.saved_offset is not None}
+        log.info("stormwatch: resuming %s", " ".join(f"{tp.partition}@{o}" for tp, o in sorted(resume_at.items())))
+        return resume_at
+
+    def positions(self) -> dict[TopicPartition, int]:
+        """The next offset of each partition: what the group may commit."""
+        return {TopicPartition(self.k.usage_topic, n): p.offset + 1 for n, p in self.parts.items() if p.offset >= 0}
+
+
+@dataclass(frozen=True)
+class WorkerTopics:
+    alerts: faust.TopicT
+    dlq: faust.TopicT
+    breakers: faust.TopicT
+    state: faust.TopicT
+
+    async def declare(self) -> None:
+        for t in (self.alerts, self.dlq, self.breakers, self.state):
+            await t.maybe_declare()
+
+
+class StormwatchApp(faust.App):
+    """A Faust app whose own consumer stays off: the usage topic is read by :class:`UsageConsumer` in batches."""
+
+    BootStrategy = NoFaustConsumer
+
+
 def create_app(settings: Settings, engine_factory: Callable[[], Engine] | None = None) -> faust.App:
-    """The Faust app of one worker process: topics, the usage agent, the idle, snapshot and summary timers."""
+    """The Faust app of one worker process: topics, the usage consumer, the idle, snapshot and summary timers."""
     k = settings.kafka
-    app = faust.App(
+    app = StormwatchApp(
         k.group_id,
         broker=k.broker_urls(),
         broker_credentials=broker_credentials(k),
@@ -258,9 +506,6 @@ def create_app(settings: Settings, engine_factory: Callable[[], Engine] | None =
         topic_partitions=k.partitions,
         topic_replication_factor=k.replication_factor,
         topic_disable_leader=True,  # no on_leader timers: skip the leader-election topic
-        consumer_auto_offset_reset=k.auto_offset_reset,
-        broker_session_timeout=k.session_timeout_seconds,
-        broker_heartbeat_interval=min(3.0, k.session_timeout_seconds / 3),
         producer_max_request_size=k.snapshot_max_bytes,
         autodiscover=False,
         datadir=str(k.data_dir) if k.data_dir is not None else "{conf.name}-data",  # Faust's default
@@ -285,232 +530,42 @@ def create_app(settings: Settings, engine_factory: Callable[[], Engine] | None =
             config=config,
         )
 
-    usage_topic = topic(k.usage_topic)
-    alerts_topic = topic(k.alerts_topic, retention_days=k.alerts_retention_days)
-    dlq_topic = topic(k.dlq_topic, retention_days=k.dlq_retention_days)
-    breakers_topic = topic(k.breakers_topic, compacting=True)
-    state_topic = topic(
-        k.state_topic,
-        compacting=True,
-        config={
-            "max.message.bytes": str(k.snapshot_max_bytes),
-            "segment.ms": str(STATE_SEGMENT_MS),
-            "min.cleanable.dirty.ratio": "0.1",
-        },
-    )
-
-    make_engine = engine_factory or (lambda: Engine.from_settings(settings))
-    stats = WorkerStats()
-    parts: dict[int, Partition] = {}
-    reader = StateReader(k)
-    state_partitions: list[int] = []  # of the state topic, known once the reader started
-    lock = asyncio.Lock()  # events, idle ticks, snapshots and rebalances take turns
-
-    def new_partition(number: int, engine: Engine | None = None) -> Partition:
-        handler = UsageHandler(engine or make_engine(), IdleClock(k.idle_advance_after_seconds), stats)
-        return Partition(number, handler)
-
-    def summary() -> str:
-        where = ",".join(f"{n}@{parts[n].offset}" for n in sorted(parts))  # the last offset each engine holds
-        return f"{summary_line(stats, (p.handler.engine for p in parts.values()))} partitions={where or '-'}"
-
-    async def reader_ready() -> StateReader:
-        if not state_partitions:
-            await reader.start()
-            await state_topic.maybe_declare()
-            state_partitions.extend(tp.partition for tp in await reader.partitions(k.state_topic))
-        return reader
-
-    def state_tp(number: int) -> TopicPartition:
-        return TopicPartition(k.state_topic, state_partitions[number % len(state_partitions)])
-
-    async def save(batch: Sequence[Partition]) -> int:
-        """Write the partitions' engines to the state topic (under the lock); returns the bytes written."""
-        await reader_ready()
-        alerts_end = await reader.end_offsets(k.alerts_topic)  # every alert raised so far was delivered
-        pending, size = [], 0
-        for part in batch:
-            snap = Snapshot(k.usage_topic, part.number, part.offset, alerts_end, part.handler.engine.snapshot())
-            blob = snap.encode()
-            size += len(blob)
-            key = state_key(k.usage_topic, part.number).encode()
-            pending.append(await state_topic.send(key=key, value=blob, partition=state_tp(part.number).partition))
-        await asyncio.gather(*pending)  # one round trip for the lot
-        for part in batch:
-            part.saved_offset, part.dirty = part.offset, False
-        return size
-
-    async def save_all(why: str) -> None:
-        """Snapshot every changed partition (under the lock), one log line for the round."""
-        t0 = time.perf_counter()
-        batch = [p for p in parts.values() if p.dirty]
-        if batch:
-            size = await save(batch)
-            log.info(
-                "stormwatch: snapshot (%s) of partitions %s: %d bytes in %.3f s",
-                why,
-                " ".join(f"{p.number}@{p.offset}" for p in batch),
-                size,
-                time.perf_counter() - t0,
-            )
-
-    async def restore(numbers: Sequence[int]) -> None:
-        """Engines for newly assigned partitions: from their newest snapshot, or new."""
-        await reader_ready()
-        by_state: dict[TopicPartition, list[str]] = {}
-        for n in numbers:
-            by_state.setdefault(state_tp(n), []).append(state_key(k.usage_topic, n))
-        snaps = await reader.latest(by_state) if by_state else {}
-        for n in numbers:
-            snap = snaps.get(state_key(k.usage_topic, n))
-            if snap is None:
-                parts[n] = new_partition(n)
-                log.info("stormwatch: partition %d has no snapshot: a new engine", n)
-                continue
-            try:
-                engine = Engine.restore(snap.engine)
-            except Exception:  # an unreadable snapshot must not stop the worker: start afresh after it
-                log.exception("stormwatch: snapshot of partition %d at offset %d unreadable", n, snap.offset)
-                engine = make_engine()
-            part = parts[n] = new_partition(n, engine)
-            part.offset = part.saved_offset = snap.offset
-            part.published = await reader.published_since(k.alerts_topic, snap.alerts_end, (k.usage_topic, n))
-            log.info(
-                "stormwatch: restored partition %d from snapshot at offset %d (%d events learned, %d bytes; "
-                "%d alerts published since)",
-                n,
-                snap.offset,
-                engine.stats.events,
-                len(snap.engine),
-                len(part.published),
-            )
-
-    async def publish(part: Partition, alerts: Sequence[Alert], offset: int) -> None:
-        fresh = part.fresh_alerts(alerts)
-        if len(fresh) < len(alerts):
-            stats.suppressed += len(alerts) - len(fresh)
-            log.info(
-                "stormwatch: partition %d: not publishing again %s",
-                part.number,
-                " ".join(f"{a.kind.value}.{a.status.value}:{a.alert_id}" for a in alerts if a not in fresh),
-            )
-        headers = source_headers(k.usage_topic, part.number, offset)
-        pending = [
-            await alerts_topic.send(key=a.incident_id.encode(), value=a.model_dump_json().encode(), headers=headers)
-            for a in fresh
-        ]
-        await asyncio.gather(*pending)  # delivered before the event counts as processed
-
-    async def dead_letter(message: Any, reason: str) -> None:
-        log.warning("rejected %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason[:300])
-        delivered = await dlq_topic.send(
-            key=message.key,
-            value=message.value,
-            headers=dlq_headers(reason, message.topic, message.partition, message.offset),
-        )
-        await delivered
-
-    async def consume(stream: Any) -> None:
-        log.info(
-            "stormwatch: %s -> %s (dead letters: %s, state: %s), group %s, brokers %s",
-            k.usage_topic,
-            k.alerts_topic,
-            k.dlq_topic,
+    topics = WorkerTopics(
+        alerts=topic(k.alerts_topic, retention_days=k.alerts_retention_days),
+        dlq=topic(k.dlq_topic, retention_days=k.dlq_retention_days),
+        breakers=topic(k.breakers_topic, compacting=True),
+        state=topic(
             k.state_topic,
-            k.group_id,
-            k.bootstrap_servers,
-        )
-        for t in (alerts_topic, dlq_topic, breakers_topic, state_topic):
-            await t.maybe_declare()
-        async for event in stream.events():
-            message = event.message
-            async with lock:
-                part = parts.get(message.partition)
-                if part is None or message.offset <= part.offset:
-                    continue  # not ours (any more), or already in the engine
-                if not part.resumed:
-                    part.resumed = True
-                    if part.saved_offset is not None and message.offset > part.offset + 1:
-                        log.warning(
-                            "stormwatch: partition %d resumes at offset %d, not %d: events in between not seen",
-                            part.number,
-                            message.offset,
-                            part.offset + 1,
-                        )
-                if part.saved_offset is None:  # first event of a partition never saved: save the empty engine
-                    part.offset = message.offset - 1
-                    await save([part])
-                result = part.handler.handle(message.value, time.monotonic())
-                if isinstance(result, Rejected):
-                    await dead_letter(message, result.reason)
-                elif result:
-                    await publish(part, result, message.offset)
-                part.offset, part.dirty = message.offset, True
+            compacting=True,
+            config={
+                "max.message.bytes": str(k.snapshot_max_bytes),
+                "segment.ms": str(STATE_SEGMENT_MS),
+                "min.cleanable.dirty.ratio": "0.1",
+            },
+        ),
+    )
+    usage = topic(k.usage_topic)
+    runtime = Runtime(k, topics, engine_factory or (lambda: Engine.from_settings(settings)), StateReader(k))
+
+    async def declare() -> None:
+        await usage.maybe_declare()
+        await topics.declare()
+
+    app.service(cast(Any, UsageConsumer(runtime, declare, beacon=app.beacon)))
 
     async def idle_tick() -> None:
-        async with lock:
-            wall = time.monotonic()
-            for part in list(parts.values()):
-                alerts = part.handler.idle_tick(wall)
-                if alerts is None:
-                    continue
-                part.dirty = True
-                if alerts:
-                    await publish(part, alerts, part.offset)
-                    await save([part])  # wall-clock alerts need not repeat on re-processing: keep them now
+        await runtime.idle_tick()
 
     async def snapshot_timer() -> None:
-        async with lock:
-            await save_all("periodic")
+        await runtime.save_all("periodic")
 
     async def summary_timer() -> None:
-        log.info("stormwatch: %s", summary())
-
-    async def on_revoked(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
-        async with lock:
-            await save_all("revoked")
-
-    async def on_assigned(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
-        assigned = args[0] if args else kwargs.get("assigned", ())
-        names = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)
-        log.info("stormwatch: assigned %s", " ".join(names) or "nothing")
-
-    async def on_rebalance_complete(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
-        # Sent after assignment and before the consumer seeks to the committed offsets.
-        consumer = cast(Any, app.consumer)  # Faust's own commit only commits acknowledged offsets
-        assigned = {tp.partition: tp for tp in consumer.assignment() if tp.topic == k.usage_topic}
-        async with lock:
-            for n in sorted(set(parts) - set(assigned)):
-                del parts[n]  # saved when revoked
-            await restore(sorted(set(assigned) - set(parts)))
-            for part in parts.values():
-                part.resumed = False
-            resume_at = {assigned[n]: p.offset + 1 for n, p in parts.items() if p.saved_offset is not None}
-            if resume_at and not await consumer._commit(resume_at):
-                log.warning("stormwatch: could not commit resume offsets (a new rebalance?): %s", resume_at)
-            for tp, offset in resume_at.items():
-                # The consumer seeks to committed offsets next, but aiokafka skips a committed 0: seek here too.
-                await consumer.seek(tp, offset)
-            log.info("stormwatch: resuming %s", " ".join(f"{tp.partition}@{o}" for tp, o in sorted(resume_at.items())))
-
-    async def on_shutdown(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
-        async with lock:
-            try:
-                await save_all("shutdown")
-            finally:
-                log.info("stormwatch: stopping: %s", summary())
-                await reader.stop()
+        log.info("stormwatch: %s", runtime.summary())
 
     # Registered by call rather than as decorators, so each function keeps its own signature for mypy.
-    app.agent(usage_topic, name=f"{k.group_id}.usage")(consume)
     app.timer(IDLE_TICK_SECONDS, name=f"{k.group_id}.idle_tick")(idle_tick)
     app.timer(k.snapshot_every_seconds, name=f"{k.group_id}.snapshot")(snapshot_timer)
     app.timer(k.summary_every_seconds, name=f"{k.group_id}.summary")(summary_timer)
-    # mode types receivers too narrowly
-    app.on_partitions_revoked.connect(cast(Any, on_revoked))
-    app.on_partitions_assigned.connect(cast(Any, on_assigned))
-    app.on_rebalance_complete.connect(cast(Any, on_rebalance_complete))
-    app.on_before_shutdown.connect(cast(Any, on_shutdown))
     return app
 
 

@@ -1,9 +1,10 @@
 """One real Kafka broker for the whole integration session.
 
 Uses ``$KAFKA_BOOTSTRAP`` when set (a broker someone else runs). Otherwise starts
-``deploy/kafka/kafka.sh up`` on two free ports of 127.0.0.1 (so several runs can share a machine) with its run directory in
-the session's tmp dir, exports ``KAFKA_BOOTSTRAP`` so every test (``test_kafka_broker.py``
-too) uses it, and stops it when the session ends. Tests keep apart by topic and group names.
+``deploy/kafka/kafka.sh up`` on two free ports of 127.0.0.1 (so several runs can share a
+machine) with its run directory in the session's tmp dir, exports ``KAFKA_BOOTSTRAP`` so
+every test (``test_kafka_broker.py`` too) uses it, and stops it when the session ends. Tests
+keep apart by topic and group names.
 """
 
 from __future__ import annotations

@@ -1,0 +1,150 @@
+"""The usage consumer: an aiokafka consumer group read in batches, inside the Faust app.
+
+Faust hosts the worker (producer, topic declaration, timers, web server, signals, shutdown), but
+its own consumer stays off (:class:`NoFaustConsumer`): Faust hands a stream one message at a
+time through its conductor and a consumer thread, about 80 µs a message, which capped a worker
+at ~11,000 events/s. Here ``getmany`` returns up to :data:`MAX_BATCH` records per call and the
+:class:`~detector.worker.app.Runtime` runs them straight through the engines, so the worker
+costs about what decoding and detection cost.
+
+The group is ``kafka.group_id``; partitions are assigned by aiokafka's default (range)
+assignor, and the rebalance listener hands revocations and assignments to the runtime, which
+snapshots what it gives up and restores what it gets; the consumer then seeks each partition
+to the offset after its snapshot. Offsets are committed about once a second, only up to events
+whose alerts were delivered; they serve lag monitoring, since a partition resumes from its
+snapshot, not from the committed offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import mode
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition  # type: ignore[import-untyped]
+from aiokafka.errors import ConsumerStoppedError, KafkaError  # type: ignore[import-untyped]
+from faust.app.base import BootStrategy
+
+from detector.worker.snapshots import aiokafka_security
+
+if TYPE_CHECKING:
+    from detector.worker.app import Runtime
+
+log = logging.getLogger("stormwatch.worker")
+
+MAX_BATCH = 5000  # records per getmany: bounds the time the runtime's lock is held (~50 ms)
+POLL_MS = 100  # how long getmany waits for records before the loop looks around
+COMMIT_EVERY_SECONDS = 1.0
+
+
+class NoFaustConsumer(BootStrategy):
+    """Start Faust without its consumer, conductor and tables: :class:`UsageConsumer` reads the usage topic."""
+
+    enable_kafka_consumer = False
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: UsageConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self.owner.runtime.revoked(revoked)
+        await self.owner.commit()
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        resume_at = await self.owner.runtime.assigned(assigned)
+        for tp, offset in resume_at.items():
+            self.owner.consumer.seek(tp, offset)
+        self.owner.runtime.seek = self.owner.consumer.seek
+
+
+class UsageConsumer(mode.Service):
+    """Reads the usage topic in batches and feeds the runtime; saves and leaves the group on stop."""
+
+    def __init__(self, runtime: Runtime, declare: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.runtime = runtime
+        self.declare = declare
+        self._consumer: AIOKafkaConsumer | None = None
+        self._loop_done = asyncio.Event()
+        self._committed: dict[TopicPartition, int] = {}
+        self._last_commit = 0.0
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer:
+        assert self._consumer is not None, "UsageConsumer not started"
+        return self._consumer
+
+    async def on_start(self) -> None:
+        k = self.runtime.k
+        await self.declare()  # usage, alerts, dead-letter, breakers and state topics, when missing
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=[u.removeprefix("kafka://") for u in k.broker_urls()],
+            group_id=k.group_id,
+            client_id=f"{k.group_id}-usage",
+            enable_auto_commit=False,
+            auto_offset_reset=k.auto_offset_reset,
+            session_timeout_ms=int(k.session_timeout_seconds * 1000),
+            heartbeat_interval_ms=int(min(3.0, k.session_timeout_seconds / 3) * 1000),
+            max_poll_records=MAX_BATCH,
+            **aiokafka_security(k),
+        )
+        self._consumer.subscribe([k.usage_topic], listener=_Rebalance(self))
+        await self._consumer.start()
+        log.info(
+            "stormwatch: %s -> %s (dead letters: %s, state: %s), group %s, brokers %s",
+            k.usage_topic,
+            k.alerts_topic,
+            k.dlq_topic,
+            k.state_topic,
+            k.group_id,
+            k.bootstrap_servers,
+        )
+
+    @mode.Service.task
+    async def _consume(self) -> None:
+        try:
+            while not self.should_stop:
+                try:
+                    batches = await self.consumer.getmany(timeout_ms=POLL_MS, max_records=MAX_BATCH)
+                except ConsumerStoppedError:
+                    return
+                if batches:
+                    # Shielded: a stop must not cut a batch between the engines and the alert deliveries.
+                    await asyncio.shield(self.runtime.process(batches))
+                if time.monotonic() - self._last_commit >= COMMIT_EVERY_SECONDS:
+                    await self.commit()
+        finally:
+            self._loop_done.set()
+
+    async def commit(self) -> None:
+        """Commit the delivered positions that moved (best effort: a rebalance may refuse it)."""
+        self._last_commit = time.monotonic()
+        assignment = self.consumer.assignment()
+        positions = self.runtime.positions().items()
+        moved = {tp: o for tp, o in positions if tp in assignment and self._committed.get(tp) != o}
+        if not moved:
+            return
+        try:
+            await self.consumer.commit(moved)
+        except (KafkaError, AssertionError) as error:
+            log.info("stormwatch: commit refused (%s); the next one will catch up", type(error).__name__)
+            return
+        self._committed.update(moved)
+
+    async def on_stop(self) -> None:
+        try:
+            if self._consumer is not None:
+                try:
+                    await asyncio.wait_for(self._loop_done.wait(), timeout=30)
+                except TimeoutError:
+                    log.warning("stormwatch: the consume loop did not finish its batch in 30 s")
+                await self.runtime.save_all("shutdown")
+                await self.commit()
+                await self._consumer.stop()
+        finally:
+            log.info("stormwatch: stopping: %s", self.runtime.summary())
+            await self.runtime.reader.stop()
