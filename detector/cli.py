@@ -9,6 +9,7 @@ traffic), ``evaluate`` (score alerts against labels), ``demo`` (the two put toge
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from detector import __version__, breaker_cli
+from detector.alerting.dispatch import Dispatcher
 from detector.engine import Engine
 from detector.events import CONTRACTS, Alert, IncidentLabel
 from detector.replay import Reject, ReplayResult, open_events, replay
@@ -53,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.add_argument("--strict", action="store_true", help="exit 2 if any line was rejected")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    act = p.add_mutually_exclusive_group()
+    act.add_argument(
+        "--notify", action="store_true", help="send the alerts as [alerting] says: Slack, webhooks, breakers"
+    )
+    act.add_argument("--dry-run", action="store_true", help="print what --notify would send, send nothing")
     p.set_defaults(run=_replay)
 
     p = sub.add_parser("simulate", help="write labelled synthetic fleet traffic")
@@ -216,10 +223,30 @@ def _replay(args: argparse.Namespace) -> int:
         if args.alerts_out and not to_stdout
         else Path("stormwatch-rejects.jsonl")
     )
-    result, engine, alerts = run_replay(args.events, _settings(args.config), args.alerts_out, rejects, console)
+    settings = _settings(args.config)
+    result, engine, alerts = run_replay(args.events, settings, args.alerts_out, rejects, console)
     if console is not None:
         _print_summary(console, result, engine, alerts, rejects)
+    if args.notify or args.dry_run:
+        left = asyncio.run(notify(settings, alerts, dry_run=args.dry_run, console=console or Console(stderr=True)))
+        if left:
+            return 3
     return 2 if args.strict and result.rejected else 0
+
+
+async def notify(settings: Settings, alerts: Sequence[Alert], *, dry_run: bool, console: Console) -> int:
+    """The alerting agents over a replay's alerts, in event time; returns the deliveries still pending."""
+    dispatcher = Dispatcher(settings, dry_run=dry_run, echo=lambda line: console.print(line, highlight=False))
+    try:
+        for alert in alerts:
+            await dispatcher.handle(alert, alert.detected_at.timestamp())
+        left = await dispatcher.drain(timeout=60.0)
+        if left:
+            console.print(f"[red]{left} deliveries still pending in {settings.alerting.outbox_path}[/]")
+        console.print(f"alerting: {dispatcher.summary()}", highlight=False)
+        return left
+    finally:
+        await dispatcher.close()
 
 
 def _print_summary(

@@ -19,9 +19,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+import yaml  # type: ignore[import-untyped]
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from detector.alerting.policy import AlertingSettings
 from detector.detectors.agent_loop import AgentLoop
 from detector.detectors.budget_burn import BudgetBurn
 from detector.detectors.cost_spike import CostSpike
@@ -57,6 +59,11 @@ class TeamSettings(BaseModel):
 
     monthly_budget_usd: float | None = Field(default=None, gt=0, description="Enables budget_burn for the team.")
     spent_to_date_usd: float = Field(default=0.0, ge=0, description="Month-to-date spend before Stormwatch started.")
+    slack_channel: str | None = Field(default=None, description="Slack channel id (C...) of the team's alerts.")
+    oncall: str | None = Field(default=None, description="Slack user id (U...) mentioned on critical alerts.")
+    webhooks: list[str] = Field(
+        default_factory=list, description="Names of [alerting.webhooks] receivers told of the team's breakers."
+    )
 
 
 class Settings(BaseSettings):
@@ -74,6 +81,18 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(
         default_factory=KafkaSettings, description="Broker, topics and pacing of `detector worker`."
     )
+    alerting: AlertingSettings = Field(
+        default_factory=AlertingSettings, description="Routing, rules, Slack, kill-switch webhooks and breakers."
+    )
+
+    @model_validator(mode="after")
+    def _webhooks_known(self) -> Settings:
+        for team, t in self.teams.items():
+            for name in t.webhooks:
+                if name not in self.alerting.webhooks:
+                    known = ", ".join(sorted(self.alerting.webhooks)) or "none"
+                    raise ValueError(f"teams.{team}.webhooks: no [alerting.webhooks.{name}] (known: {known})")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -97,9 +116,12 @@ class Settings(BaseSettings):
 
 
 def load_settings(path: Path | None = None) -> Settings:
-    """Settings from a TOML file (optional) overlaid by the environment."""
+    """Settings from a TOML or YAML file (optional) overlaid by the environment."""
     data: dict[str, Any] = {}
     if path is not None:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
+        if path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(path.read_text()) or {}
+        else:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
     return Settings(**data)

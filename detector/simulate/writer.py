@@ -38,6 +38,31 @@ def write_simulation(spec: SimulationSpec, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
+ALERTING_TOML = """\
+# What happens to alerts (try `detector replay ... --dry-run`): retry storms and agent loops
+# trip the breaker of their key, agent or session; everything else notifies the owner.
+[alerting]
+default_owner = "platform"
+
+[[alerting.rules]]
+kind = "retry_storm"
+min_severity = "warning"
+action = "trip"
+breaker_ttl = "15m"
+
+[[alerting.rules]]
+kind = "agent_loop"
+min_severity = "warning"
+action = "trip"
+breaker_ttl = "30m"
+
+[[alerting.rules]]
+kind = "*"
+min_severity = "warning"
+action = "notify"
+"""
+
+
 def config_toml(p: Plan) -> str:
     lines = [f"# Budgets of the simulated fleet (seed {p.spec.seed}); normal traffic stays well inside them.", ""]
     for team in sorted(p.budgets):
@@ -45,9 +70,10 @@ def config_toml(p: Plan) -> str:
             f"[teams.{team}]",
             f"monthly_budget_usd = {p.budgets[team]:.2f}",
             f"spent_to_date_usd = {p.spent_to_date.get(team, 0.0):.2f}",
+            f'slack_channel = "C-{team.upper()}"  # the Slack channel id of the team',
             "",
         ]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n" + ALERTING_TOML
 
 
 def meta(p: Plan) -> dict[str, object]:

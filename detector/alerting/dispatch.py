@@ -1,0 +1,155 @@
+"""Carry out the :class:`~detector.alerting.policy.Responder`'s decisions: Slack, webhooks, breakers.
+
+One :class:`Dispatcher` per shell. ``detector replay --notify`` and ``--dry-run`` use it on the
+alerts of a replay (event time: each alert's ``detected_at``); ``detector alerter`` uses it on
+the alerts topic. Slack messages and webhook deliveries go into the durable outbox first (keyed
+by alert id and change id, so handling an alert twice sends nothing twice) and are sent by the
+senders' loops; breaker changes go to ``publish_breaker`` (the breakers topic, in the alerter).
+In a dry run nothing is stored or sent: each action is printed instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from detector.alerting.outbox import Outbox
+from detector.alerting.policy import Decision, Responder
+from detector.alerting.slack import SlackSender, header_for
+from detector.alerting.webhooks import WebhookEndpoint, WebhookSender
+from detector.breakers import entity_key, format_duration
+from detector.events import Alert, BreakerChange, IncidentFeedback
+from detector.settings import Settings
+
+log = logging.getLogger("stormwatch.alerting")
+
+PublishBreaker = Callable[[BreakerChange], Awaitable[None]]
+
+
+def describe_change(change: BreakerChange) -> str:
+    until = ""
+    if change.expires_at is not None:
+        until = f" for {format_duration((change.expires_at - change.changed_at).total_seconds())}"
+    return f"breaker {entity_key(change.entity)}: {change.previous_state.value} -> {change.state.value}{until}"
+
+
+class Dispatcher:
+    """Decisions in, outbox entries, breaker changes and (dry run) printed lines out."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        dry_run: bool | None = None,
+        publish_breaker: PublishBreaker | None = None,
+        echo: Callable[[str], None] = print,
+        outbox_path: str | Path | None = None,
+        responder: Responder | None = None,
+    ) -> None:
+        a = settings.alerting
+        self.settings = settings
+        self.dry_run = a.dry_run if dry_run is None else dry_run
+        self.responder = responder or Responder(settings)
+        self.publish_breaker = publish_breaker
+        self.echo = echo
+        self.endpoints = {
+            name: WebhookEndpoint(name=name, url=w.url, secret=w.secret, timeout_seconds=w.timeout_seconds)
+            for name, w in a.webhooks.items()
+        }
+        self.outbox: Outbox | None = None
+        self.slack: SlackSender | None = None
+        self.webhooks: WebhookSender | None = None
+        if not self.dry_run:
+            path = str(outbox_path or a.outbox_path)
+            self.outbox = Outbox(path)
+            if a.slack.token is not None:
+                self.slack = SlackSender(
+                    self.outbox, state_path=path, token=a.slack.token.get_secret_value(), base_url=a.slack.base_url
+                )
+            self.webhooks = WebhookSender(self.outbox, self.endpoints.values())
+        self.decisions: list[Decision] = []
+
+    async def handle(self, alert: Alert, now: float) -> Decision:
+        """Decide on one alert record at ``now`` (epoch seconds) and carry it out."""
+        await self.advance(now)
+        decision = self.responder.decide(alert, now)
+        self.decisions.append(decision)
+        route = decision.route
+        if decision.silenced:
+            self.echo(f"silenced  {header_for(alert)} (an owner's label)")
+            return decision
+        if route.slack_channel is None:
+            self.echo(f"no Slack channel for team {route.team}: {header_for(alert)}")
+        elif self.dry_run:
+            self.echo(f"would post to Slack {route.slack_channel}: {header_for(alert)} | {decision.action_text}")
+        elif self.slack is not None:
+            self.slack.enqueue(alert, route.slack_channel, decision.action_text)
+        await self._breaker_changes(decision.changes, route.webhooks)
+        return decision
+
+    async def advance(self, now: float) -> list[BreakerChange]:
+        """Breakers that expire or close by time; their changes are carried out like the others."""
+        changes = self.responder.advance(now)
+        await self._breaker_changes(changes, None)
+        return changes
+
+    async def feedback(self, feedback: IncidentFeedback, now: float) -> list[BreakerChange]:
+        changes = self.responder.apply_feedback(feedback, now)
+        await self._breaker_changes(changes, None)
+        return changes
+
+    async def _breaker_changes(self, changes: Iterable[BreakerChange], webhooks: Iterable[str] | None) -> None:
+        for change in changes:
+            names = tuple(webhooks) if webhooks is not None else self.responder.route(change.owner).webhooks
+            if self.dry_run:
+                targets = ", ".join(f"{n} ({self.endpoints[n].url})" for n in names) or "no webhook"
+                self.echo(f"would publish {describe_change(change)}; webhooks: {targets}")
+                continue
+            if self.publish_breaker is not None:
+                await self.publish_breaker(change)
+            if self.webhooks is not None:
+                for name in names:
+                    self.webhooks.enqueue(change, self.endpoints[name])
+
+    async def run_senders(self, stop: asyncio.Event) -> None:
+        """The Slack and webhook delivery loops, until ``stop``."""
+        loops = [s.run(stop) for s in (self.slack, self.webhooks) if s is not None]
+        await asyncio.gather(*loops)
+
+    async def drain(self, timeout: float) -> int:
+        """Send what is due until the outbox is empty or ``timeout`` runs out; returns what is left."""
+        if self.outbox is None:
+            return 0
+        stop = asyncio.Event()
+        runner = asyncio.ensure_future(self.run_senders(stop))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while self.outbox.pending_count() and loop.time() < deadline and not runner.done():
+                await asyncio.sleep(0.05)  # the senders wake on their own; this only watches the count
+        finally:
+            stop.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+        return self.outbox.pending_count()
+
+    async def close(self) -> None:
+        if self.slack is not None:
+            await self.slack.close()
+        if self.webhooks is not None:
+            await self.webhooks.aclose()
+        if self.outbox is not None:
+            self.outbox.close()
+
+    def summary(self) -> dict[str, Any]:
+        d = self.decisions
+        return {
+            "alerts": len(d),
+            "silenced": sum(x.silenced for x in d),
+            "breaker_changes": sum(len(x.changes) for x in d),
+            "dead_letters": len(self.outbox.dead_letters()) if self.outbox is not None else 0,
+        }

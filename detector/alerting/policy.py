@@ -1,0 +1,230 @@
+"""Who owns an alert and what happens to it: the ``[alerting]`` settings and the pure :class:`Responder`.
+
+The responder is the alerting agents' core, in the spirit of the detection engine: no I/O and
+no wall clock. For each alert record it finds the owner (the alert's team, or the default owner
+when the team is unknown), the first rule that matches the alert's kind and severity, and
+whether the rule trips a circuit breaker; it keeps the :class:`~detector.breakers.BreakerBoard`
+and the silences that owners' feedback asks for. What it decides (a :class:`Decision`) is
+carried out by a shell: Slack and webhooks through the durable outbox, breaker changes to the
+breakers topic, or printed by ``--dry-run``.
+
+>>> from detector.settings import Settings
+>>> settings = Settings.model_validate({
+...     "teams": {"search": {"slack_channel": "C-SEARCH"}},
+...     "alerting": {"rules": [{"kind": "retry_storm", "min_severity": "warning", "action": "trip",
+...                             "breaker_ttl": "15m"}]},
+... })
+>>> responder = Responder(settings)
+>>> responder.route("search").slack_channel, responder.route("nobody-knows").team
+('C-SEARCH', 'platform')
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from detector.breakers import BreakerBoard, format_duration, parse_duration
+from detector.events import (
+    Alert,
+    AlertKind,
+    AlertStatus,
+    BreakerChange,
+    BreakerEntityType,
+    BreakerState,
+    Entity,
+    FeedbackLabel,
+    IncidentFeedback,
+    Severity,
+    utc_from_epoch,
+)
+
+if TYPE_CHECKING:
+    from detector.settings import Settings
+
+BREAKABLE = frozenset(get_args(BreakerEntityType))
+
+
+def _seconds(value: float | str) -> float:
+    return parse_duration(value) if isinstance(value, str) else float(value)
+
+
+class Rule(BaseModel):
+    """What happens to alerts of one kind (or all: ``*``) from a severity up."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: AlertKind | Literal["*"] = "*"
+    min_severity: Severity = Severity.WARNING
+    action: Literal["notify", "trip"] = Field(
+        default="notify", description="notify: Slack and the alerts topic only; trip: also open the entity's breaker."
+    )
+    breaker_ttl: float = Field(default=900.0, gt=0, description="How long a tripped breaker stays open (s or '15m').")
+
+    _ttl = field_validator("breaker_ttl", mode="before")(classmethod(lambda cls, v: _seconds(v)))
+
+    def matches(self, alert: Alert) -> bool:
+        return (self.kind == "*" or self.kind == alert.kind) and alert.severity.rank >= self.min_severity.rank
+
+
+class SlackSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token: SecretStr | None = Field(
+        default=None, description="Bot token (xoxb-...); set STORMWATCH_ALERTING__SLACK__TOKEN rather than the file."
+    )
+    base_url: str = Field(default="https://slack.com/api/", description="Slack Web API base URL.")
+
+
+class WebhookSettings(BaseModel):
+    """One kill-switch receiver; the name (its key in ``[alerting.webhooks]``) is what teams refer to."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    secret: SecretStr = Field(description="'whsec_' + base64, shared with the receiver.")
+    timeout_seconds: float = Field(default=10.0, gt=0)
+
+
+class BreakerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_ttl: float = Field(default=4 * 3600.0, gt=0, description="Cap of the TTL, which doubles on each re-trip.")
+    probe_seconds: float = Field(default=300.0, gt=0, description="Quiet half-open time after which it closes.")
+
+    _secs = field_validator("max_ttl", "probe_seconds", mode="before")(classmethod(lambda cls, v: _seconds(v)))
+
+
+def _default_rules() -> list[Rule]:
+    return [Rule(kind="*", min_severity=Severity.WARNING, action="notify")]
+
+
+class AlertingSettings(BaseModel):
+    """``[alerting]``: routing defaults, rules, Slack, webhooks and breakers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dry_run: bool = Field(default=False, description="Decide everything, send nothing: print what would be sent.")
+    default_owner: str = Field(default="platform", min_length=1, description="Team that gets alerts of unknown teams.")
+    rules: list[Rule] = Field(default_factory=_default_rules, description="First match wins; no match: notify.")
+    slack: SlackSettings = Field(default_factory=SlackSettings)
+    webhooks: dict[str, WebhookSettings] = Field(default_factory=dict, description="Kill-switch receivers by name.")
+    breakers: BreakerSettings = Field(default_factory=BreakerSettings)
+    outbox_path: str = Field(
+        default="stormwatch-outbox.sqlite",
+        description="SQLite file of the durable outbox (what is to be sent, what was sent); keep it on a volume.",
+    )
+    silence_seconds: float = Field(
+        default=24 * 3600.0, ge=0, description="How long a false_alarm or planned label silences the same pattern."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    team: str
+    slack_channel: str | None
+    oncall: str | None
+    webhooks: tuple[str, ...]
+    fallback: bool  # the alert's own team is unknown: this is the default owner
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What one alert record leads to."""
+
+    alert: Alert
+    route: Route
+    action: Literal["notify", "trip"]
+    changes: list[BreakerChange] = field(default_factory=list)
+    action_text: str = ""
+    silenced_until: float | None = None  # an owner's label silences this pattern: nothing is sent
+
+    @property
+    def silenced(self) -> bool:
+        return self.silenced_until is not None
+
+
+class Responder:
+    """Routes alerts, applies the rules, keeps breakers and silences. Pure; picklable."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.alerting = settings.alerting
+        self.teams = settings.teams
+        b = settings.alerting.breakers
+        self.board = BreakerBoard(max_ttl=b.max_ttl, probe_seconds=b.probe_seconds)
+        self.silences: dict[tuple[str, str], float] = {}  # (kind, entity key) -> until, epoch seconds
+        self.feedback_seen: set[str] = set()
+
+    def route(self, owner: str) -> Route:
+        team, fallback = owner, owner not in self.teams
+        if fallback:
+            team = self.alerting.default_owner
+        t = self.teams.get(team)
+        if t is None:
+            return Route(team, None, None, (), fallback)
+        return Route(team, t.slack_channel, t.oncall, tuple(t.webhooks), fallback)
+
+    def rule_for(self, alert: Alert) -> Rule | None:
+        return next((r for r in self.alerting.rules if r.matches(alert)), None)
+
+    def decide(self, alert: Alert, now: float) -> Decision:
+        """The decision for one alert record at time ``now`` (epoch seconds)."""
+        route = self.route(alert.owner)
+        until = self.silences.get((alert.kind.value, str(alert.entity)))
+        if until is not None and now < until:
+            return Decision(alert, route, "notify", action_text="Silenced by an owner's label.", silenced_until=until)
+        rule = self.rule_for(alert)
+        if rule is None or rule.action == "notify" or alert.status is AlertStatus.RESOLVED:
+            return Decision(alert, route, "notify", action_text=self._status_text(alert.entity, now))
+        if alert.entity.type not in BREAKABLE:
+            text = f"Notify only: a {alert.entity.type} has no breaker."
+            return Decision(alert, route, "trip", action_text=text)
+        breaker = self.board.get(alert.entity)
+        changes: list[BreakerChange] = []
+        if breaker is None or breaker.state is not BreakerState.OPEN:  # an open one is not stretched by updates
+            changes = self.board.trip(
+                alert.entity,
+                now,
+                owner=route.team,
+                reason=alert.explanation.summary,
+                incident_id=alert.incident_id,
+                # the rule's TTL from closed; from half-open the board backs off from the last TTL
+                ttl=rule.breaker_ttl if breaker is None or breaker.state is BreakerState.CLOSED else None,
+            )
+        return Decision(alert, route, "trip", changes, self._status_text(alert.entity, now))
+
+    def _status_text(self, entity: Entity, now: float) -> str:
+        breaker = self.board.get(entity)
+        if breaker is None or breaker.state is BreakerState.CLOSED:
+            return "Notify only: no breaker tripped."
+        if breaker.state is BreakerState.HALF_OPEN:
+            return f"Breaker on {entity} is half-open: probing."
+        expires = breaker.expires_at
+        if expires is None or math.isinf(expires):
+            return f"Breaker opened on {entity} until closed by hand."
+        left = format_duration(max(0.0, expires - now))
+        return f"Breaker opened on {entity} until {utc_from_epoch(expires):%H:%M} UTC ({left} from now)."
+
+    def advance(self, now: float) -> list[BreakerChange]:
+        """Breakers that expire or close by time, and silences that end."""
+        self.silences = {k: until for k, until in self.silences.items() if until > now}
+        return self.board.advance(now)
+
+    def apply_feedback(self, feedback: IncidentFeedback, now: float) -> list[BreakerChange]:
+        """An owner's label: a false alarm or planned work silences the pattern and closes its breaker."""
+        if feedback.feedback_id in self.feedback_seen:
+            return []
+        self.feedback_seen.add(feedback.feedback_id)
+        if feedback.label is FeedbackLabel.REAL:
+            return []
+        seconds = feedback.silence_seconds or self.alerting.silence_seconds
+        self.silences[(feedback.kind.value, str(feedback.entity))] = now + seconds
+        breaker = self.board.get(feedback.entity)
+        if breaker is None or breaker.state is BreakerState.CLOSED or feedback.entity.type not in BREAKABLE:
+            return []
+        note = f": {feedback.note}" if feedback.note else ""
+        reason = f"labelled {feedback.label.value} by {feedback.actor}{note}"
+        return self.board.close(feedback.entity, now, reason=reason, actor=feedback.actor)
