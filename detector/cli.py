@@ -12,7 +12,9 @@ import argparse
 import asyncio
 import os
 import sys
+import uuid
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
@@ -24,7 +26,7 @@ from rich.table import Table
 from detector import __version__, breaker_cli
 from detector.alerting.dispatch import Dispatcher
 from detector.engine import Engine
-from detector.events import CONTRACTS, Alert, IncidentLabel
+from detector.events import CONTRACTS, Alert, FeedbackLabel, IncidentFeedback, IncidentLabel
 from detector.replay import Reject, ReplayResult, open_events, replay
 from detector.settings import Settings, load_settings
 
@@ -112,6 +114,19 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("breaker", help="list, open or close circuit breakers on the breakers topic ([kafka])")
     breaker_cli.add_arguments(p, _config_arg)
     p.set_defaults(run=breaker_cli.run)
+
+    p = sub.add_parser("alerter", help="alerts topic -> Slack, kill-switch webhooks and breakers ([alerting])")
+    _config_arg(p)
+    p.set_defaults(run=_alerter)
+
+    p = sub.add_parser("feedback", help="label an incident real, false_alarm or planned (on the alerts topic)")
+    p.add_argument("incident_id")
+    p.add_argument("label", choices=[x.value for x in FeedbackLabel])
+    p.add_argument("--by", default=os.environ.get("USER", "unknown"), help="who labels it (default: $USER)")
+    p.add_argument("--note", default="", help="why, for the record")
+    p.add_argument("--silence", default=None, help="how long the pattern stays quiet, e.g. 12h (default: config)")
+    _config_arg(p)
+    p.set_defaults(run=_feedback)
 
     p = sub.add_parser("schemas", help="write or check the JSON Schemas in schemas/")
     p.add_argument("--dir", type=Path, default=Path("schemas"))
@@ -396,6 +411,39 @@ def _worker(args: argparse.Namespace) -> int:
     from detector.worker.app import run_worker
 
     return run_worker(_settings(args.config), loglevel=args.log_level)
+
+
+def _alerter(args: argparse.Namespace) -> int:
+    from detector.alerting.alerter import run_alerter
+
+    return run_alerter(_settings(args.config))
+
+
+def _feedback(args: argparse.Namespace) -> int:
+    from detector.alerting.alerter import find_incident, publish_feedback
+    from detector.breakers import parse_duration
+
+    settings = _settings(args.config)
+    console = Console(stderr=True)
+    alert = asyncio.run(find_incident(settings, args.incident_id))
+    if alert is None:
+        console.print(f"[red]no incident {args.incident_id} on {settings.kafka.alerts_topic}[/]")
+        return 1
+    silence = parse_duration(args.silence) if args.silence else settings.alerting.silence_seconds
+    feedback = IncidentFeedback(
+        feedback_id=str(uuid.uuid4()),
+        incident_id=alert.incident_id,
+        kind=alert.kind,
+        entity=alert.entity,
+        label=FeedbackLabel(args.label),
+        actor=args.by,
+        labelled_at=datetime.now(UTC),
+        silence_seconds=0 if args.label == "real" else silence,
+        note=args.note,
+    )
+    asyncio.run(publish_feedback(settings, feedback))
+    console.print(f"{alert.kind.value} on {alert.entity} labelled {args.label} by {args.by}", highlight=False)
+    return 0
 
 
 def _schemas(args: argparse.Namespace) -> int:

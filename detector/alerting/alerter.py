@@ -1,0 +1,235 @@
+"""``detector alerter``: the alerting agents on Kafka.
+
+Reads the alerts topic (consumer group ``<group_id>.alerter``; an incident's records share a key,
+so they arrive in order) and hands each record to the :class:`~detector.alerting.dispatch.Dispatcher`:
+Slack and kill-switch webhooks through the durable outbox, breaker changes to the compacted
+breakers topic (key ``<entity type>:<entity id>``). Owners' labels travel on the same topic with
+the header ``stormwatch-record: feedback`` (:func:`publish_feedback`) and take effect when read.
+
+On start the breakers topic is read to its end, so the board knows every breaker, including
+those opened or closed by hand with ``detector breaker``. The responder (breakers, silences)
+is saved next to the outbox after each batch, before the batch's offsets are committed; a crash
+re-reads at most one batch, and the outbox, keyed by alert id, sends nothing twice. Breaker
+changes are published at least once (a re-read batch may publish a change again; gateways keep
+the higher version).
+
+Time: breakers and silences run on the wall clock here (a gateway refuses in real time), while
+``detector replay --notify`` runs the same responder in event time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import time
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # type: ignore[import-untyped]
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
+from aiokafka.errors import TopicAlreadyExistsError  # type: ignore[import-untyped]
+from pydantic import ValidationError
+
+from detector.alerting.dispatch import Dispatcher
+from detector.alerting.policy import Responder
+from detector.breaker_cli import current_changes
+from detector.breakers import entity_key
+from detector.events import Alert, BreakerChange, IncidentFeedback
+from detector.settings import Settings
+from detector.worker.snapshots import aiokafka_security
+
+log = logging.getLogger("stormwatch.alerter")
+
+RECORD_HEADER = "stormwatch-record"
+FEEDBACK = b"feedback"
+TICK_SECONDS = 1.0
+
+
+def _servers(settings: Settings) -> list[str]:
+    return [u.removeprefix("kafka://") for u in settings.kafka.broker_urls()]
+
+
+async def ensure_topics(settings: Settings) -> None:
+    """The alerts and breakers topics, when missing (the worker creates them too)."""
+    k = settings.kafka
+    admin = AIOKafkaAdminClient(bootstrap_servers=_servers(settings), **aiokafka_security(k))
+    await admin.start()
+    try:
+        wanted = [
+            NewTopic(k.alerts_topic, k.partitions, k.replication_factor),
+            NewTopic(k.breakers_topic, k.partitions, k.replication_factor, topic_configs={"cleanup.policy": "compact"}),
+        ]
+        existing = set(await admin.list_topics())
+        missing = [t for t in wanted if t.name not in existing]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+    finally:
+        await admin.close()
+
+
+async def find_incident(settings: Settings, incident_id: str, timeout: float = 30.0) -> Alert | None:
+    """The newest record of ``incident_id`` on the alerts topic (read from the beginning)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=_servers(settings), enable_auto_commit=False, **aiokafka_security(settings.kafka)
+    )
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(settings.kafka.alerts_topic) or set()
+        tps = [TopicPartition(settings.kafka.alerts_topic, p) for p in sorted(parts)]
+        if not tps:
+            return None
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        found: Alert | None = None
+        key = incident_id.encode()
+        async with asyncio.timeout(timeout):
+            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+                for records in (await consumer.getmany(*tps, timeout_ms=500)).values():
+                    for r in records:
+                        if r.key == key and dict(r.headers).get(RECORD_HEADER) != FEEDBACK:
+                            found = Alert.model_validate_json(r.value)
+        return found
+    finally:
+        await consumer.stop()
+
+
+async def publish_feedback(settings: Settings, feedback: IncidentFeedback) -> None:
+    """Put an owner's label on the alerts topic (keyed by incident, so it follows the incident's records)."""
+    producer = AIOKafkaProducer(bootstrap_servers=_servers(settings), acks="all", **aiokafka_security(settings.kafka))
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            settings.kafka.alerts_topic,
+            key=feedback.incident_id.encode(),
+            value=feedback.model_dump_json().encode(),
+            headers=[(RECORD_HEADER, FEEDBACK)],
+        )
+    finally:
+        await producer.stop()
+
+
+class Alerter:
+    """The Kafka shell around one :class:`Dispatcher`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        a = settings.alerting
+        self.state_path = Path(a.outbox_path).with_suffix(".responder")
+        self.producer: AIOKafkaProducer | None = None
+        self.consumer: AIOKafkaConsumer | None = None
+        self.dispatcher = Dispatcher(settings, publish_breaker=self._publish, echo=log.info, responder=self._load())
+        self.handled = 0
+
+    def _load(self) -> Responder:
+        if self.state_path.exists():
+            try:
+                responder: Responder = pickle.loads(self.state_path.read_bytes())
+                responder.alerting, responder.teams = self.settings.alerting, self.settings.teams  # config may change
+                return responder
+            except Exception:
+                log.exception("alerter: unreadable %s; starting from the breakers topic alone", self.state_path)
+        return Responder(self.settings)
+
+    def _save(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps(self.dispatcher.responder))
+        os.replace(tmp, self.state_path)
+
+    async def _publish(self, change: BreakerChange) -> None:
+        assert self.producer is not None
+        await self.producer.send_and_wait(
+            self.settings.kafka.breakers_topic,
+            key=entity_key(change.entity).encode(),
+            value=change.model_dump_json().encode(),
+        )
+        log.info("alerter: published breaker %s %s (%s)", entity_key(change.entity), change.state.value, change.reason)
+
+    async def start(self) -> None:
+        k = self.settings.kafka
+        await ensure_topics(self.settings)
+        board = self.dispatcher.responder.board
+        known = sum(board.apply(c) for c in ((await current_changes(k)) or {}).values())
+        log.info("alerter: %d breaker changes adopted from %s", known, k.breakers_topic)
+        self.producer = AIOKafkaProducer(bootstrap_servers=_servers(self.settings), acks="all", **aiokafka_security(k))
+        await self.producer.start()
+        self.consumer = AIOKafkaConsumer(
+            k.alerts_topic,
+            bootstrap_servers=_servers(self.settings),
+            group_id=f"{k.group_id}.alerter",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            **aiokafka_security(k),
+        )
+        await self.consumer.start()
+
+    async def handle(self, value: bytes, headers: dict[str, bytes]) -> None:
+        now = time.time()
+        try:
+            if headers.get(RECORD_HEADER) == FEEDBACK:
+                feedback = IncidentFeedback.model_validate_json(value)
+                await self.dispatcher.feedback(feedback, now)
+                log.info("alerter: %s labelled %s by %s", feedback.incident_id, feedback.label.value, feedback.actor)
+            else:
+                await self.dispatcher.handle(Alert.model_validate_json(value), now)
+        except ValidationError as error:
+            log.warning("alerter: skipped a record that is neither an alert nor feedback: %s", error)
+        self.handled += 1
+
+    async def run(self, stop: asyncio.Event) -> None:
+        assert self.consumer is not None
+        senders = asyncio.ensure_future(self.dispatcher.run_senders(stop))
+        try:
+            while not stop.is_set():
+                batches = await self.consumer.getmany(timeout_ms=int(TICK_SECONDS * 1000))
+                for records in batches.values():
+                    for r in records:
+                        await self.handle(r.value, dict(r.headers))
+                await self.dispatcher.advance(time.time())
+                self._save()  # before the commit: a re-read batch finds the breakers it opened
+                if batches:
+                    await self.consumer.commit()
+        finally:
+            stop.set()
+            await senders
+
+    async def stop(self) -> None:
+        for client in (self.consumer, self.producer):
+            if client is not None:
+                await client.stop()
+        await self.dispatcher.close()
+
+
+def run_alerter(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT."""
+    import signal
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        alerter = Alerter(settings)
+        await alerter.start()
+        log.info(
+            "alerter: %s -> Slack, webhooks and %s (dry run: %s)",
+            settings.kafka.alerts_topic,
+            settings.kafka.breakers_topic,
+            alerter.dispatcher.dry_run,
+        )
+        try:
+            await alerter.run(stop)
+        finally:
+            await alerter.stop()
+            log.info("alerter: stopped after %d records: %s", alerter.handled, alerter.dispatcher.summary())
+
+    asyncio.run(main())
+    return 0
+
+
+__all__ = ["FEEDBACK", "RECORD_HEADER", "Alerter", "find_incident", "publish_feedback", "run_alerter"]
