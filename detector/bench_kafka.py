@@ -261,13 +261,20 @@ class Worker:
         out = []
         for t, line in self.lines:
             if "stormwatch: events=" in line:
-                text = line.split("stormwatch: ", 1)[1]
-                out.append((t, dict(kv.split("=", 1) for kv in text.split() if "=" in kv)))
+                usage, _, team = line.split("stormwatch: ", 1)[1].partition(" | by team: ")
+                fields = dict(kv.split("=", 1) for kv in usage.split() if "=" in kv)
+                fields |= {f"team_{k}": v for k, v in (kv.split("=", 1) for kv in team.split() if "=" in kv)}
+                out.append((t, fields))
         return out
 
     def counts(self) -> list[tuple[float, int]]:
-        """(arrival time, events + rejected) of every summary line so far."""
-        return [(t, int(f["events"]) + int(f["rejected"])) for t, f in self.summaries()]
+        """(arrival time, events + rejected) of every summary line so far, at the end of the pipeline.
+
+        With the by-team repartition an event is done when the by-team stage has it too.
+        """
+        return [
+            (t, int(f.get("team_events", f["events"])) + int(f["rejected"])) for t, f in self.summaries()
+        ]
 
     def last_summary(self) -> str:
         return next((line for _, line in reversed(self.lines) if "stormwatch: events=" in line), "")
@@ -323,8 +330,9 @@ async def worker_throughput(
         "worker_start_to_first_events_s": first - worker.started,
         "worker_start_to_all_processed_s": t_done - worker.started,
         "worker_start_to_all_committed_s": (committed_at - worker.started) if committed_at else float("nan"),
-        "worker_alerts": float(last.get("alerts", "nan")),
+        "worker_alerts": float(last.get("alerts", "nan")) + float(last.get("team_alerts", 0)),
         "worker_late_events": float(last.get("late", "nan")),
+        "worker_team_late_events": float(last.get("team_late", "nan")),
     }
 
 

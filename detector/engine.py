@@ -21,18 +21,21 @@ import math
 import pickle
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Literal
 
 from detector.detectors.agent_loop import AgentLoop
 from detector.detectors.base import Detector, Finding
 from detector.detectors.budget_burn import BudgetBurn
 from detector.detectors.cost_spike import CostSpike
 from detector.detectors.retry_storm import RetryStorm
-from detector.events import Alert, Entity, UsageEvent
+from detector.events import Alert, Entity, EntityType, UsageEvent
 from detector.incidents import IncidentBook
 from detector.pricing import PriceCatalog
 from detector.settings import Settings
 
 SNAPSHOT_VERSION = 1
+
+Scope = Literal["all", "key", "team"]
 
 
 @dataclass
@@ -71,16 +74,33 @@ class Engine:
         self._pinned: set[Entity] = set()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Engine:
+    def from_settings(cls, settings: Settings, scope: Scope = "all") -> Engine:
+        """The engine the settings describe; ``scope`` splits it for a worker that repartitions by team.
+
+        ``key``: every judgement but the team-level ones (events keyed by API key suffice);
+        ``team``: only the team-level ones (``budget_burn`` and the ``team`` entities of the
+        others), for events repartitioned by team. ``key`` and ``team`` together judge what
+        ``all`` judges.
+        """
         catalog = PriceCatalog.default().with_overrides(settings.pricing)
-        budgets = settings.budgets()
-        spent = {t: s.spent_to_date_usd for t, s in settings.teams.items()}
-        detectors: list[Detector] = [
-            CostSpike(**settings.detector_params(CostSpike.name)),
-            RetryStorm(**settings.detector_params(RetryStorm.name)),
-            AgentLoop(**settings.detector_params(AgentLoop.name)),
-            BudgetBurn(budgets=budgets, spent_to_date=spent, **settings.detector_params(BudgetBurn.name)),
-        ]
+        detectors: list[Detector] = []
+        for kind in (CostSpike, RetryStorm):
+            params = settings.detector_params(kind.name)
+            types: tuple[EntityType, ...] = params.pop("entity_types", kind.DEFAULT_ENTITY_TYPES)
+            if scope == "key":
+                types = tuple(t for t in types if t != "team")
+            elif scope == "team":
+                types = tuple(t for t in types if t == "team")
+            if types:
+                detectors.append(kind(entity_types=types, **params))
+        if scope != "team":
+            detectors.append(AgentLoop(**settings.detector_params(AgentLoop.name)))
+        if scope != "key":
+            budgets = settings.budgets()
+            spent = {t: s.spent_to_date_usd for t, s in settings.teams.items()}
+            detectors.append(
+                BudgetBurn(budgets=budgets, spent_to_date=spent, **settings.detector_params(BudgetBurn.name))
+            )
         return cls(detectors, catalog, tick_seconds=settings.tick_seconds)
 
     @classmethod

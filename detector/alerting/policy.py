@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from detector.alerting.webhooks import WebhookTarget
 from detector.breakers import BreakerBoard, format_duration, parse_duration
 from detector.events import (
     Alert,
@@ -79,16 +80,6 @@ class SlackSettings(BaseModel):
     base_url: str = Field(default="https://slack.com/api/", description="Slack Web API base URL.")
 
 
-class WebhookSettings(BaseModel):
-    """One kill-switch receiver; the name (its key in ``[alerting.webhooks]``) is what teams refer to."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    url: str
-    secret: SecretStr = Field(description="'whsec_' + base64, shared with the receiver.")
-    timeout_seconds: float = Field(default=10.0, gt=0)
-
-
 class BreakerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -111,7 +102,7 @@ class AlertingSettings(BaseModel):
     default_owner: str = Field(default="platform", min_length=1, description="Team that gets alerts of unknown teams.")
     rules: list[Rule] = Field(default_factory=_default_rules, description="First match wins; no match: notify.")
     slack: SlackSettings = Field(default_factory=SlackSettings)
-    webhooks: dict[str, WebhookSettings] = Field(default_factory=dict, description="Kill-switch receivers by name.")
+    webhooks: dict[str, WebhookTarget] = Field(default_factory=dict, description="Kill-switch receivers by name.")
     breakers: BreakerSettings = Field(default_factory=BreakerSettings)
     outbox_path: str = Field(
         default="stormwatch-outbox.sqlite",

@@ -144,12 +144,11 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
-class WebhookEndpoint(BaseModel):
-    """A receiver of kill-switch webhooks, e.g. an LLM gateway."""
+class WebhookTarget(BaseModel):
+    """Where and how to reach a receiver of kill-switch webhooks (``[alerting.webhooks.<name>]``)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(min_length=1, description="Stable name; part of the delivery id and ordering group.")
     url: HttpUrl
     secret: SecretStr = Field(description="'whsec_' + base64, shared with the receiver.")
     timeout_seconds: float = Field(default=10.0, gt=0, description="Whole request, connect to last byte.")
@@ -161,6 +160,12 @@ class WebhookEndpoint(BaseModel):
             raise ValueError("a webhook secret starts with 'whsec_'")
         _signer(value.get_secret_value())
         return value
+
+
+class WebhookEndpoint(WebhookTarget):
+    """A receiver of kill-switch webhooks, e.g. an LLM gateway, under its stable name."""
+
+    name: str = Field(min_length=1, description="Stable name; part of the delivery id and ordering group.")
 
 
 class WebhookSender:

@@ -160,10 +160,11 @@ class CostSpike(EntityStores):
 
     name: ClassVar[str] = "cost_spike"
     version: ClassVar[str] = "1.0"
+    DEFAULT_ENTITY_TYPES: ClassVar[tuple[EntityType, ...]] = ("api_key", "team")
 
     def __init__(
         self,
-        entity_types: tuple[EntityType, ...] = ("api_key", "team"),
+        entity_types: tuple[EntityType, ...] = DEFAULT_ENTITY_TYPES,
         unit_ratio: float = 5.0,
         tokens_ratio: float = 5.0,
         level_ratio: float = 3.0,

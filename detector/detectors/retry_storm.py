@@ -91,10 +91,11 @@ class RetryStorm(EntityStores):
 
     name: ClassVar[str] = "retry_storm"
     version: ClassVar[str] = "1.0"
+    DEFAULT_ENTITY_TYPES: ClassVar[tuple[EntityType, ...]] = ("api_key", "agent")
 
     def __init__(
         self,
-        entity_types: tuple[EntityType, ...] = ("api_key", "agent"),
+        entity_types: tuple[EntityType, ...] = DEFAULT_ENTITY_TYPES,
         min_failure_share: float = 0.4,
         rate_ratio: float = 3.0,
         deep_attempt: int = 5,

@@ -18,10 +18,16 @@ engine, counters: no Faust, no I/O) and publishes what comes back:
 one partition and reach one engine in order; each partition has its own event time, idle clock
 and snapshot, so partitions move between workers independently. Events, idle ticks, snapshots
 and rebalances take turns under one lock.
-*Known limit*: team-level judgements (``budget_burn``, the team side of ``cost_spike`` and
-``retry_storm``) see only the part of a team whose keys hash to the same partition; a team
-spread over partitions is judged in pieces (a budget burn needs each piece to burn fast). The
-fix is a repartition by team: a second topic keyed by team feeding the team-level detectors.
+**Repartition by team** (``kafka.repartition_by_team``, on by default). The engines of usage
+partitions judge keys, agents and sessions only; each batch's valid events are forwarded to the
+by-team topic (``<usage topic>.by-team``), keyed by team, in packs (:mod:`detector.worker.packs`),
+where the by-team partitions' engines make the team-level judgements (``budget_burn``, team cost
+spikes) over the whole team. Both topics are read by the same consumer group, and each by-team
+partition has its engine, snapshot and restore like a usage partition; the usage offsets inside
+the packs let it drop what a restored usage partition forwards again. *Known limit*: the by-team
+stage merges usage partitions as they come, so while a backlog is drained (partitions advancing
+at different speeds in event time) it sees many events late, and team judgements are rough
+until the worker catches up; live traffic arrives in step.
 
 **Durable state.** Every ``kafka.snapshot_every_seconds`` (wall clock), when partitions are
 revoked and on graceful shutdown, each partition whose engine changed is written to the
@@ -92,6 +98,7 @@ from detector.settings import Settings
 from detector.worker.clock import IdleClock
 from detector.worker.config import KafkaSettings
 from detector.worker.consumer import NoFaustConsumer, UsageConsumer
+from detector.worker.packs import packs_of, unpack
 from detector.worker.snapshots import (
     SOURCE_OFFSET_HEADER,
     SOURCE_PARTITION_HEADER,
@@ -118,7 +125,9 @@ __all__ = [
 ]
 
 REASON_HEADER = "stormwatch-reason"
+Forward = Callable[[bytes, bytes, list[tuple[str, bytes]]], Awaitable[Awaitable[Any]]]
 IDLE_TICK_SECONDS = 1.0
+PACK_BYTES = 512 * 1024  # a by-team record stays well under the 1 MB default of producers and topics
 STATE_SEGMENT_MS = 10 * 60 * 1000  # roll state segments often, so compaction can drop old snapshots
 
 
@@ -134,6 +143,7 @@ class WorkerStats:
     alerts: int = 0
     idle_advances: int = 0
     suppressed: int = 0  # alerts not published again: a previous owner of the partition had
+    duplicates: int = 0  # forwarded events dropped: already in the engine
     alerts_by_kind: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
@@ -147,6 +157,7 @@ class UsageHandler:
         self.engine = engine
         self.clock = clock
         self.stats = stats if stats is not None else WorkerStats()
+        self.last: UsageEvent | None = None  # the last valid event handled
 
     def handle(self, raw: bytes | None, wall: float) -> list[Alert] | Rejected:
         if raw is None:
@@ -158,6 +169,7 @@ class UsageHandler:
             self.stats.rejected += 1
             return Rejected(explain(error))
         self.clock.saw_event(wall)
+        self.last = ev
         try:
             alerts = self.engine.process(ev)
         except Exception as error:  # a bug must not stop the stream; the event is kept in the DLQ
@@ -210,6 +222,7 @@ class Partition:
     published: set[str] = field(default_factory=set)  # alert ids a previous owner already published
     resumed: bool = False  # the first message since assignment was seen
     reseeks: int = 0  # times the consumer was sent back to offset + 1 since assignment
+    sources: dict[str, int] = field(default_factory=dict)  # by-team: "<usage partition>:<team>" -> last offset
 
     def fresh_alerts(self, alerts: Sequence[Alert]) -> list[Alert]:
         """``alerts`` without those already published by the previous owner of the partition."""
@@ -260,11 +273,18 @@ class Runtime:
     def __init__(
         self,
         k: KafkaSettings,
+        topic: str,
         topics: WorkerTopics,
         make_engine: Callable[[], Engine],
         reader: StateReader,
+        forward: Forward | None = None,
+        forwarded: bool = False,
     ) -> None:
         self.k = k
+        self.topic = topic  # the source topic: usage, or by-team
+        self.forward = forward  # usage events on to the by-team topic
+        self.forwarded = forwarded  # the source is the by-team topic: drop what was forwarded twice
+        self.label = "by-team " if forwarded else ""  # in log lines
         self.topics = topics
         self.make_engine = make_engine
         self.reader = reader
@@ -281,7 +301,8 @@ class Runtime:
     def summary(self) -> str:
         parts = self.parts
         where = ",".join(f"{n}@{parts[n].offset}" for n in sorted(parts))  # the last offset each engine holds
-        return f"{summary_line(self.stats, (p.handler.engine for p in parts.values()))} partitions={where or '-'}"
+        line = summary_line(self.stats, (p.handler.engine for p in parts.values()))
+        return f"{line} partitions={where or '-'}" + (f" duplicates={self.stats.duplicates}" if self.forwarded else "")
 
     async def reader_ready(self) -> StateReader:
         if not self._state_partitions:
@@ -300,9 +321,9 @@ class Runtime:
         pending, size = [], 0
         for part in batch:
             engine = part.handler.engine.snapshot()
-            blob = Snapshot(k.usage_topic, part.number, part.offset, alerts_end, engine).encode()
+            blob = Snapshot(self.topic, part.number, part.offset, alerts_end, engine, part.sources).encode()
             size += len(blob)
-            key = state_key(k.usage_topic, part.number).encode()
+            key = state_key(self.topic, part.number).encode()
             target = self.state_tp(part.number).partition
             pending.append(await self.topics.state.send(key=key, value=blob, partition=target))
         await asyncio.gather(*pending)  # one round trip for the lot
@@ -318,8 +339,9 @@ class Runtime:
             if batch:
                 size = await self.save(batch)
                 log.info(
-                    "stormwatch: snapshot (%s) of partitions %s: %d bytes in %.3f s",
+                    "stormwatch: snapshot (%s) of %spartitions %s: %d bytes in %.3f s",
                     why,
+                    self.label,
                     " ".join(f"{p.number}@{p.offset}" for p in batch),
                     size,
                     time.perf_counter() - t0,
@@ -330,13 +352,13 @@ class Runtime:
         k, reader = self.k, await self.reader_ready()
         by_state: dict[TopicPartition, list[str]] = {}
         for n in numbers:
-            by_state.setdefault(self.state_tp(n), []).append(state_key(k.usage_topic, n))
+            by_state.setdefault(self.state_tp(n), []).append(state_key(self.topic, n))
         snaps = await reader.latest(by_state) if by_state else {}
         for n in numbers:
-            snap = snaps.get(state_key(k.usage_topic, n))
+            snap = snaps.get(state_key(self.topic, n))
             if snap is None:
                 self.parts[n] = self.new_partition(n)
-                log.info("stormwatch: partition %d has no snapshot: a new engine", n)
+                log.info("stormwatch: %spartition %d has no snapshot: a new engine", self.label, n)
                 continue
             try:
                 engine = Engine.restore(snap.engine)
@@ -345,10 +367,12 @@ class Runtime:
                 engine = self.make_engine()
             part = self.parts[n] = self.new_partition(n, engine)
             part.offset = part.saved_offset = snap.offset
-            part.published = await reader.published_since(k.alerts_topic, snap.alerts_end, (k.usage_topic, n))
+            part.sources = dict(snap.sources)
+            part.published = await reader.published_since(k.alerts_topic, snap.alerts_end, (self.topic, n))
             log.info(
-                "stormwatch: restored partition %d from snapshot at offset %d (%d events learned, %d bytes; "
+                "stormwatch: restored %spartition %d from snapshot at offset %d (%d events learned, %d bytes; "
                 "%d alerts published since)",
+                self.label,
                 n,
                 snap.offset,
                 engine.stats.events,
@@ -366,19 +390,18 @@ class Runtime:
                 part.number,
                 " ".join(f"{a.kind.value}.{a.status.value}:{a.alert_id}" for a in alerts if a not in fresh),
             )
-        headers = source_headers(self.k.usage_topic, part.number, offset)
+        headers = source_headers(self.topic, part.number, offset)
         send = self.topics.alerts.send
         return [
             await send(key=a.incident_id.encode(), value=a.model_dump_json().encode(), headers=headers) for a in fresh
         ]
 
-    async def dead_letter(self, record: Any, reason: str) -> Awaitable[Any]:
-        log.warning("rejected %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason[:300])
-        return await self.topics.dlq.send(
-            key=record.key,
-            value=record.value,
-            headers=dlq_headers(reason, record.topic, record.partition, record.offset),
-        )
+    async def dead_letter(
+        self, key: bytes | None, value: bytes | None, topic: str, partition: int, offset: int, reason: str
+    ) -> Awaitable[Any]:
+        log.warning("rejected %s[%d]@%d: %s", topic, partition, offset, reason[:300])
+        headers = dlq_headers(reason, topic, partition, offset)
+        return await self.topics.dlq.send(key=key, value=value, headers=headers)
 
     async def process(self, batches: Mapping[TopicPartition, Sequence[Any]]) -> int:
         """One fetched batch per partition through its engine; returns the events handled.
@@ -423,19 +446,69 @@ class Runtime:
                 if part.saved_offset is None:  # first event of a partition never saved: save the empty engine
                     part.offset = first - 1
                     await self.save([part])
-                handle = part.handler.handle
-                for r in fresh:
-                    result = handle(r.value, wall)
-                    if isinstance(result, Rejected):
-                        pending.append(await self.dead_letter(r, result.reason))
-                    elif result:
-                        pending.extend(await self.publish(part, result, r.offset))
+                if self.forwarded:
+                    for r in fresh:
+                        handled += await self._unpack(part, r, wall, pending)
+                else:
+                    handled += await self._handle(part, fresh, wall, pending)
                 moved.append((part, fresh[-1].offset))
-                handled += len(fresh)
             await asyncio.gather(*pending)  # delivered before the events count as processed
             for part, offset in moved:
                 part.offset, part.dirty = offset, True
         return handled
+
+    async def _handle(self, part: Partition, records: Sequence[Any], wall: float, pending: list[Awaitable[Any]]) -> int:
+        """Usage records through the partition's engine; valid events forwarded by team, in packs."""
+        handler = part.handler
+        packs: dict[str, list[tuple[int, bytes]]] = {}
+        for r in records:
+            result = handler.handle(r.value, wall)
+            if isinstance(result, Rejected):
+                pending.append(await self.dead_letter(r.key, r.value, r.topic, r.partition, r.offset, result.reason))
+                continue
+            if result:
+                pending.extend(await self.publish(part, result, r.offset))
+            if self.forward is not None:
+                assert handler.last is not None
+                packs.setdefault(handler.last.team, []).append((r.offset, r.value))
+        if self.forward is not None:
+            headers = source_headers(self.topic, part.number, records[-1].offset)
+            for team, events in packs.items():
+                for blob in packs_of(events, PACK_BYTES):
+                    pending.append(await self.forward(team.encode(), blob, headers))
+        return len(records)
+
+    async def _unpack(self, part: Partition, r: Any, wall: float, pending: list[Awaitable[Any]]) -> int:
+        """One by-team pack through the partition's engine; returns the events new to it.
+
+        The packs of one team from one usage partition arrive in order (one idempotent producer at
+        a time), and each event carries its usage offset, so what a restored usage partition
+        forwards again (offsets up to the last one seen from it for that team) is dropped.
+        """
+        source = dict(r.headers).get(SOURCE_PARTITION_HEADER)
+        if source is None or r.key is None:
+            pending.append(await self.dead_letter(r.key, r.value, r.topic, r.partition, r.offset, "not a pack"))
+            return 0
+        usage_partition = int(source)
+        stream = f"{usage_partition}:{r.key.decode()}"  # packs of one team from one usage partition
+        seen = part.sources.get(stream, -1)
+        handler, new = part.handler, 0
+        try:
+            for offset, raw in unpack(r.value):
+                if offset <= seen:
+                    self.stats.duplicates += 1
+                    continue
+                seen, new = offset, new + 1
+                result = handler.handle(raw, wall)
+                if isinstance(result, Rejected):
+                    where = (self.k.usage_topic, usage_partition, offset)
+                    pending.append(await self.dead_letter(r.key, raw, *where, result.reason))
+                elif result:
+                    pending.extend(await self.publish(part, result, r.offset))
+        except ValueError as error:
+            pending.append(await self.dead_letter(r.key, r.value, r.topic, r.partition, r.offset, str(error)))
+        part.sources[stream] = seen
+        return new
 
     async def idle_tick(self) -> None:
         async with self.lock:
@@ -450,14 +523,14 @@ class Runtime:
                     await self.save([part])  # wall-clock alerts need not repeat on re-processing: keep them now
 
     async def revoked(self, partitions: Iterable[TopicPartition]) -> None:
-        names = sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)
+        names = sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions if tp.topic == self.topic)
         log.info("stormwatch: revoked %s", " ".join(names) or "nothing")
         await self.save_all("revoked")
 
     async def assigned(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         """Take the new assignment: drop partitions gone, restore new ones; returns where each must resume."""
-        assigned = {tp.partition: tp for tp in partitions if tp.topic == self.k.usage_topic}
-        names = sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)
+        assigned = {tp.partition: tp for tp in partitions if tp.topic == self.topic}
+        names = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned.values())
         log.info("stormwatch: assigned %s", " ".join(names) or "nothing")
         async with self.lock:
             for n in sorted(set(self.parts) - set(assigned)):
@@ -471,7 +544,7 @@ class Runtime:
 
     def positions(self) -> dict[TopicPartition, int]:
         """The next offset of each partition: what the group may commit."""
-        return {TopicPartition(self.k.usage_topic, n): p.offset + 1 for n, p in self.parts.items() if p.offset >= 0}
+        return {TopicPartition(self.topic, n): p.offset + 1 for n, p in self.parts.items() if p.offset >= 0}
 
 
 @dataclass(frozen=True)
@@ -492,7 +565,7 @@ class StormwatchApp(faust.App):
     BootStrategy = NoFaustConsumer
 
 
-def create_app(settings: Settings, engine_factory: Callable[[], Engine] | None = None) -> faust.App:
+def create_app(settings: Settings) -> faust.App:
     """The Faust app of one worker process: topics, the usage consumer, the idle, snapshot and summary timers."""
     k = settings.kafka
     app = StormwatchApp(
@@ -545,22 +618,40 @@ def create_app(settings: Settings, engine_factory: Callable[[], Engine] | None =
         ),
     )
     usage = topic(k.usage_topic)
-    runtime = Runtime(k, topics, engine_factory or (lambda: Engine.from_settings(settings)), StateReader(k))
+    sources = [usage]
+    if k.repartition_by_team:
+        sources.append(topic(k.by_team_topic, retention_days=k.alerts_retention_days))
+        runtimes = [
+            Runtime(k, k.usage_topic, topics, lambda: Engine.from_settings(settings, "key"), StateReader(k)),
+            Runtime(
+                k,
+                k.by_team_topic,
+                topics,
+                lambda: Engine.from_settings(settings, "team"),
+                StateReader(k),
+                forwarded=True,
+            ),
+        ]
+    else:
+        runtimes = [Runtime(k, k.usage_topic, topics, lambda: Engine.from_settings(settings), StateReader(k))]
 
     async def declare() -> None:
-        await usage.maybe_declare()
+        for source in sources:
+            await source.maybe_declare()
         await topics.declare()
 
-    app.service(cast(Any, UsageConsumer(runtime, declare, beacon=app.beacon)))
+    app.service(cast(Any, UsageConsumer(runtimes, declare, beacon=app.beacon)))
 
     async def idle_tick() -> None:
-        await runtime.idle_tick()
+        for runtime in runtimes:
+            await runtime.idle_tick()
 
     async def snapshot_timer() -> None:
-        await runtime.save_all("periodic")
+        for runtime in runtimes:
+            await runtime.save_all("periodic")
 
     async def summary_timer() -> None:
-        log.info("stormwatch: %s", runtime.summary())
+        log.info("stormwatch: %s", " | by team: ".join(r.summary() for r in runtimes))
 
     # Registered by call rather than as decorators, so each function keeps its own signature for mypy.
     app.timer(IDLE_TICK_SECONDS, name=f"{k.group_id}.idle_tick")(idle_tick)

@@ -40,12 +40,24 @@ class KafkaSettings(BaseModel):
         default="llm.alerts", min_length=1, description="Alert records out, keyed by incident_id."
     )
     breakers_topic: TopicName = Field(
-        default="llm.breakers", min_length=1, description="Circuit-breaker commands (compacted; declared, unused yet)."
+        default="llm.breakers",
+        min_length=1,
+        description="Circuit-breaker changes (compacted), written by `detector alerter` and `detector breaker`.",
     )
     state_topic: TopicName = Field(
         default="stormwatch.state",
         min_length=1,
         description="Engine snapshots (compacted), one record per usage partition, key '<usage_topic>:<partition>'.",
+    )
+    repartition_by_team: bool = Field(
+        default=True,
+        description="Forward each valid usage event to team_topic, keyed by team, where the team-level "
+        "judgements (budget_burn, team cost spikes) run: a team spread over many usage partitions is "
+        "judged as a whole. Off: each usage partition judges its share of a team (fine when producers "
+        "key by team).",
+    )
+    team_topic: TopicName | None = Field(
+        default=None, description="The by-team repartition topic (default: '<usage_topic>.by-team')."
     )
     dlq_topic: TopicName = Field(
         default="llm.usage.dlq", min_length=1, description="Rejected usage messages, original bytes, reason in headers."
@@ -109,6 +121,10 @@ class KafkaSettings(BaseModel):
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together")
         return self
+
+    @property
+    def by_team_topic(self) -> str:
+        return self.team_topic or f"{self.usage_topic}.by-team"
 
     def broker_urls(self) -> list[str]:
         """Faust broker URLs, one per bootstrap server."""

@@ -20,11 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import mode
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition  # type: ignore[import-untyped]
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition  # type: ignore[import-untyped]
 from aiokafka.errors import ConsumerStoppedError, KafkaError  # type: ignore[import-untyped]
 from faust.app.base import BootStrategy
 
@@ -51,24 +51,30 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        await self.owner.runtime.revoked(revoked)
+        revoked = list(revoked)
+        for runtime in self.owner.runtimes.values():
+            await runtime.revoked(revoked)
         await self.owner.commit()
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        resume_at = await self.owner.runtime.assigned(assigned)
-        for tp, offset in resume_at.items():
-            self.owner.consumer.seek(tp, offset)
-        self.owner.runtime.seek = self.owner.consumer.seek
+        assigned = list(assigned)
+        for runtime in self.owner.runtimes.values():
+            resume_at = await runtime.assigned(assigned)
+            for tp, offset in resume_at.items():
+                self.owner.consumer.seek(tp, offset)
+            runtime.seek = self.owner.consumer.seek
 
 
 class UsageConsumer(mode.Service):
     """Reads the usage topic in batches and feeds the runtime; saves and leaves the group on stop."""
 
-    def __init__(self, runtime: Runtime, declare: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
+    def __init__(self, runtimes: Sequence[Runtime], declare: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.runtime = runtime
+        self.runtimes = {r.topic: r for r in runtimes}  # by source topic
+        self.runtime = runtimes[0]  # of the usage topic
         self.declare = declare
         self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None  # forwards usage events to the by-team topic
         self._loop_done = asyncio.Event()
         self._committed: dict[TopicPartition, int] = {}
         self._last_commit = 0.0
@@ -80,9 +86,10 @@ class UsageConsumer(mode.Service):
 
     async def on_start(self) -> None:
         k = self.runtime.k
-        await self.declare()  # usage, alerts, dead-letter, breakers and state topics, when missing
+        await self.declare()  # usage, by-team, alerts, dead-letter, breakers and state topics, when missing
+        servers = [u.removeprefix("kafka://") for u in k.broker_urls()]
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=[u.removeprefix("kafka://") for u in k.broker_urls()],
+            bootstrap_servers=servers,
             group_id=k.group_id,
             client_id=f"{k.group_id}-usage",
             enable_auto_commit=False,
@@ -92,7 +99,18 @@ class UsageConsumer(mode.Service):
             max_poll_records=MAX_BATCH,
             **aiokafka_security(k),
         )
-        self._consumer.subscribe([k.usage_topic], listener=_Rebalance(self))
+        self._consumer.subscribe(list(self.runtimes), listener=_Rebalance(self))
+        if k.repartition_by_team:
+            self._producer = AIOKafkaProducer(
+                bootstrap_servers=servers,
+                client_id=f"{k.group_id}-by-team",
+                acks="all",
+                enable_idempotence=True,  # forwards of one usage partition stay in order: repeats are told by offset
+                linger_ms=5,
+                **aiokafka_security(k),
+            )
+            await self._producer.start()
+            self.runtime.forward = self.forward
         await self._consumer.start()
         log.info(
             "stormwatch: %s -> %s (dead letters: %s, state: %s), group %s, brokers %s",
@@ -104,6 +122,13 @@ class UsageConsumer(mode.Service):
             k.bootstrap_servers,
         )
 
+    async def forward(self, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> Awaitable[Any]:
+        assert self._producer is not None
+        return cast(
+            Awaitable[Any],
+            await self._producer.send(self.runtime.k.by_team_topic, value=value, key=key, headers=headers),
+        )
+
     @mode.Service.task
     async def _consume(self) -> None:
         try:
@@ -112,9 +137,11 @@ class UsageConsumer(mode.Service):
                     batches = await self.consumer.getmany(timeout_ms=POLL_MS, max_records=MAX_BATCH)
                 except ConsumerStoppedError:
                     return
-                if batches:
-                    # Shielded: a stop must not cut a batch between the engines and the alert deliveries.
-                    await asyncio.shield(self.runtime.process(batches))
+                for topic, runtime in self.runtimes.items():
+                    mine = {tp: records for tp, records in batches.items() if tp.topic == topic}
+                    if mine:
+                        # Shielded: a stop must not cut a batch between the engines and the alert deliveries.
+                        await asyncio.shield(runtime.process(mine))
                 if time.monotonic() - self._last_commit >= COMMIT_EVERY_SECONDS:
                     await self.commit()
         finally:
@@ -124,7 +151,7 @@ class UsageConsumer(mode.Service):
         """Commit the delivered positions that moved (best effort: a rebalance may refuse it)."""
         self._last_commit = time.monotonic()
         assignment = self.consumer.assignment()
-        positions = self.runtime.positions().items()
+        positions = [item for r in self.runtimes.values() for item in r.positions().items()]
         moved = {tp: o for tp, o in positions if tp in assignment and self._committed.get(tp) != o}
         if not moved:
             return
@@ -142,9 +169,13 @@ class UsageConsumer(mode.Service):
                     await asyncio.wait_for(self._loop_done.wait(), timeout=30)
                 except TimeoutError:
                     log.warning("stormwatch: the consume loop did not finish its batch in 30 s")
-                await self.runtime.save_all("shutdown")
+                for runtime in self.runtimes.values():
+                    await runtime.save_all("shutdown")
                 await self.commit()
                 await self._consumer.stop()
+            if self._producer is not None:
+                await self._producer.stop()
         finally:
-            log.info("stormwatch: stopping: %s", self.runtime.summary())
-            await self.runtime.reader.stop()
+            log.info("stormwatch: stopping: %s", " | by team: ".join(r.summary() for r in self.runtimes.values()))
+            for runtime in self.runtimes.values():
+                await runtime.reader.stop()

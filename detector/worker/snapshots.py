@@ -1,6 +1,7 @@
 """Durable engine state: snapshot records on a compacted topic, and reading them back.
 
-A snapshot record holds one usage partition's engine: a one-line JSON header, a newline, then
+A snapshot record holds the engine of one partition (of the usage topic, or of the by-team
+topic the usage events are forwarded to): a one-line JSON header, a newline, then
 the zlib-compressed :meth:`Engine.snapshot <detector.engine.Engine.snapshot>` pickle. The
 header says which partition it is, the offset of the last usage event the engine includes,
 and the end offsets of the alerts topic when it was written (every alert the engine had raised
@@ -25,7 +26,7 @@ import json
 import ssl
 import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition  # type: ignore[import-untyped]
@@ -49,6 +50,8 @@ class Snapshot:
     offset: int  # the last usage offset the engine includes; -1: none yet
     alerts_end: Mapping[int, int]  # alerts-topic partition -> end offset when written
     engine: bytes  # Engine.snapshot(), uncompressed
+    # A by-team partition: "<usage partition>:<team>" -> the last usage offset forwarded into this engine.
+    sources: Mapping[str, int] = field(default_factory=dict)
 
     def encode(self, level: int = 1) -> bytes:
         header = {
@@ -59,6 +62,8 @@ class Snapshot:
             "alerts_end": {str(p): o for p, o in sorted(self.alerts_end.items())},
             "engine_bytes": len(self.engine),
         }
+        if self.sources:
+            header["sources"] = dict(sorted(self.sources.items()))
         return json.dumps(header, separators=(",", ":")).encode() + b"\n" + zlib.compress(self.engine, level)
 
     @classmethod
@@ -76,6 +81,7 @@ class Snapshot:
             offset=int(header["offset"]),
             alerts_end={int(p): int(o) for p, o in header["alerts_end"].items()},
             engine=zlib.decompress(body),
+            sources={str(k): int(o) for k, o in header.get("sources", {}).items()},
         )
 
 
