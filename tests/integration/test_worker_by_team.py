@@ -1,0 +1,57 @@
+"""The by-team repartition on a real broker: a team spread over four usage partitions is judged whole.
+
+Eight keys of team ``search`` hash to different usage partitions. Together they burn the team's
+budget at ~30x its fair rate (critical: 14.4x over an hour and five minutes); each partition's
+share burns at ~7.5x. Judged per usage partition, that would be warnings at most, from several
+engines; through the by-team topic it is one incident that turns critical, raised by the by-team stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from detector.pricing import PriceCatalog
+from detector.worker.snapshots import SOURCE_TOPIC_HEADER
+from tests.conftest import T0
+from tests.integration.kafka_tools import Topics, WorkerProcess, produce, read_all, record
+from tests.integration.test_worker import Workers, workers  # noqa: F401  (the fixture)
+from tests.integration.test_worker_recovery import fleet, partition_of
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+def test_a_team_spread_over_partitions_burns_its_budget_as_one(
+    kafka_bootstrap: str,
+    workers: Workers,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    keys = [f"key-{i}" for i in range(8)]
+    assert len({partition_of(k, 4) for k in keys}) >= 3, "the team is spread over partitions"
+    events = fleet(T0, 5400, keys)  # 1.5 hours, every key every 2 s
+    per_hour = sum(PriceCatalog.default().cost(e.model, e.input_tokens, e.output_tokens, 0) for e in events) / 1.5
+    budget = per_hour * 720 / 30  # the team burns at 30x; a quarter of it at ~7.5x, under the 14.4x of critical
+    topics = Topics.fresh("byteam")
+    env = topics.worker_env(kafka_bootstrap, tmp_path / "faust-data", partitions=4, idle_advance_after_seconds=600)
+    env["STORMWATCH_TEAMS__SEARCH__MONTHLY_BUDGET_USD"] = f"{budget:.4f}"
+
+    async def scenario() -> list[dict[str, object]]:
+        worker = WorkerProcess(env, cwd=tmp_path)
+        workers.running.append(worker)
+        await worker.await_line(r"stormwatch: assigned .*\.usage\[", timeout=30)
+        await produce(kafka_bootstrap, topics.usage, map(record, events))
+        await worker.await_line(rf"by team: events={len(events)} ", timeout=90)
+        records = await read_all(kafka_bootstrap, topics.alerts)
+        return [json.loads(r.value) | {"_source": dict(r.headers)[SOURCE_TOPIC_HEADER].decode()} for r in records]
+
+    alerts = asyncio.run(scenario())
+    burns = [a for a in alerts if a["kind"] == "budget_burn"]
+    assert burns, f"no budget_burn among {[(a['kind'], a['entity']) for a in alerts]}"
+    assert {a["incident_id"] for a in burns} == {burns[0]["incident_id"]}, "one incident for the team"
+    assert [a["status"] for a in burns if a["status"] == "firing"] == ["firing"]
+    assert "critical" in {a["severity"] for a in burns}, "the whole team burns at 30x: it becomes critical"
+    assert all(a["entity"] == {"type": "team", "id": "search"} for a in burns)
+    assert {a["_source"] for a in burns} == {topics.usage + ".by-team"}, "raised by the by-team stage"
