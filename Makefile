@@ -1,13 +1,14 @@
 # Stormwatch: the two commands of the README, and the pieces they are made of.
 #   make demo   simulate a day of fleet traffic with incidents, replay it, show the alerts
-#   make test   lint, type-check and run every test (starts its own Kafka broker on 127.0.0.1)
+#   make test   lint, type-check and run every test (starts its own Kafka broker on 127.0.0.1,
+#               installs headless Chromium for the dashboard test when missing)
 
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration bench scorecard schemas clean
+.PHONY: demo test lint unit integration browser bench scorecard schemas clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/detector demo
 
-test: $(STAMP) lint
+test: $(STAMP) lint browser
 	$(BIN)/python -m pytest -p no:cacheprovider
 
 lint: $(STAMP)
@@ -30,8 +31,11 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider -m "not integration"
 
-integration: $(STAMP)
+integration: $(STAMP) browser
 	$(BIN)/python -m pytest -p no:cacheprovider -m integration
+
+browser:  # headless Chromium and chromedriver for the dashboard test (Debian packages)
+	bash deploy/browser/install.sh
 
 bench: $(STAMP)
 	$(BIN)/detector bench replay

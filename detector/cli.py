@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 from rich.console import Console
@@ -29,6 +30,9 @@ from detector.engine import Engine
 from detector.events import CONTRACTS, Alert, FeedbackLabel, IncidentFeedback, IncidentLabel
 from detector.replay import Reject, ReplayResult, open_events, replay
 from detector.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from detector.web import Feed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         "--notify", action="store_true", help="send the alerts as [alerting] says: Slack, webhooks, breakers"
     )
     act.add_argument("--dry-run", action="store_true", help="print what --notify would send, send nothing")
+    _serve_arg(p)
     p.set_defaults(run=_replay)
 
     p = sub.add_parser("simulate", help="write labelled synthetic fleet traffic")
@@ -80,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--days", type=float, default=1.0, help="days with incidents, after a day of warm-up")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
+    _serve_arg(p)
     p.set_defaults(run=_demo)
 
     p = sub.add_parser("scorecard", help="simulate several seeds, replay and evaluate each (README table)")
@@ -135,6 +141,14 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--check", action="store_true")
     p.set_defaults(run=_schemas)
     return parser
+
+
+def _serve_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="then keep the dashboard, API and /metrics up on [web] host:port (127.0.0.1:8080) until Ctrl-C",
+    )
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
@@ -204,8 +218,12 @@ def run_replay(
     alerts_out: str | Path | None,
     rejects_out: str | Path | None,
     console: Console | None,
+    feed: Feed | None = None,
 ) -> tuple[ReplayResult, Engine, list[Alert]]:
-    """Replay ``source`` into a fresh engine; alerts go to ``alerts_out`` and are returned too."""
+    """Replay ``source`` into a fresh engine; alerts go to ``alerts_out`` and are returned too.
+
+    With a ``feed`` (``--serve``), a live view sees every event, alert and reject as well.
+    """
     engine = Engine.from_settings(settings)
     alerts: list[Alert] = []
     alert_sink, reject_sink = _Sink(alerts_out), _Sink(rejects_out)
@@ -213,9 +231,13 @@ def run_replay(
     def on_alert(alert: Alert) -> None:
         alerts.append(alert)
         alert_sink.write(alert.model_dump(mode="json"))
+        if feed is not None:
+            feed.observe_alert(alert)
 
     def on_reject(reject: Reject) -> None:
         reject_sink.write(reject.to_json())
+        if feed is not None:
+            feed.observe_reject(reject.reason)
         if console is not None and reject_sink.count <= 5:
             console.print(f"[yellow]line {reject.line} rejected:[/] {reject.reason}", highlight=False)
 
@@ -223,7 +245,8 @@ def run_replay(
         with open_events(source) as (lines, raw):
             show = console is not None and console.is_terminal
             stream = _lines_with_progress(lines, raw, source, console) if show and console else lines
-            result = replay(stream, engine, on_alert, on_reject)
+            on_event = feed.observe_event if feed is not None else None
+            result = replay(stream, engine, on_alert, on_reject, on_event=on_event)
     finally:
         alert_sink.close()
         reject_sink.close()
@@ -239,14 +262,59 @@ def _replay(args: argparse.Namespace) -> int:
         else Path("stormwatch-rejects.jsonl")
     )
     settings = _settings(args.config)
-    result, engine, alerts = run_replay(args.events, settings, args.alerts_out, rejects, console)
+    feed = _live_feed() if args.serve else None
+    result, engine, alerts = run_replay(args.events, settings, args.alerts_out, rejects, console, feed)
     if console is not None:
         _print_summary(console, result, engine, alerts, rejects)
     if args.notify or args.dry_run:
         left = asyncio.run(notify(settings, alerts, dry_run=args.dry_run, console=console or Console(stderr=True)))
         if left:
             return 3
+    if feed is not None:
+        _serve(feed, settings, alerts, console or Console(stderr=True))
     return 2 if args.strict and result.rejected else 0
+
+
+def _live_feed() -> Feed:
+    from detector.web import Feed, LiveView, Metrics
+
+    view = LiveView()
+    return Feed(view, Metrics(view))
+
+
+def _serve(feed: Feed, settings: Settings, alerts: Sequence[Alert], console: Console) -> None:
+    """The dashboard over a finished replay, until Ctrl-C: breakers as the [alerting] policy set them."""
+    from detector.web import LocalBreakerControl, LocalFeedback, bound_port, create_web_app, serve
+
+    policy = Dispatcher(settings, dry_run=True, echo=lambda line: None, on_change=feed.observe_breaker)
+
+    async def run() -> None:
+        for alert in alerts:  # what the policy would have done, in event time, shown on the page
+            await policy.handle(alert, alert.detected_at.timestamp())
+        await policy.advance(feed.view.watermark)
+        w = settings.web
+        token = w.api_token.get_secret_value() if w.api_token is not None else None
+        app = create_web_app(
+            feed.view,
+            feed.metrics,
+            breaker_control=LocalBreakerControl(feed.view),
+            feedback_sink=LocalFeedback(),
+            api_token=token,
+        )
+        runner = await serve(app, w.host, w.port)
+        access = "changes need the bearer token" if token else "read-only: set STORMWATCH_WEB__API_TOKEN for changes"
+        console.print(
+            f"dashboard: http://{w.host}:{bound_port(runner)}/  (API /api/incidents, metrics /metrics; {access})"
+            "  Ctrl-C stops it.",
+            highlight=False,
+        )
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
 
 
 async def notify(settings: Settings, alerts: Sequence[Alert], *, dry_run: bool, console: Console) -> int:
@@ -372,8 +440,9 @@ def _demo(args: argparse.Namespace) -> int:
     console.print(f"simulated traffic: {paths['events']}  (labels: {paths['labels']}, config: {paths['config']})")
     settings = load_settings(paths["config"])
     alerts_path = args.out / "alerts.jsonl"
+    feed = _live_feed() if args.serve else None
     result, engine, alerts = run_replay(
-        str(paths["events"]), settings, alerts_path, args.out / "rejects.jsonl", console
+        str(paths["events"]), settings, alerts_path, args.out / "rejects.jsonl", console, feed
     )
     _print_summary(console, result, engine, alerts, args.out / "rejects.jsonl")
     card = score(
@@ -383,6 +452,8 @@ def _demo(args: argparse.Namespace) -> int:
     )
     print_scorecard(console, card)
     console.print(f"alerts written to {alerts_path}")
+    if feed is not None:
+        _serve(feed, settings, alerts, console)
     return 0
 
 

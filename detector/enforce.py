@@ -304,6 +304,7 @@ class BreakerFollower:
         sasl_plain_password: str | None = None,
         client_id: str = "stormwatch-breakers",
         poll_seconds: float = 0.5,
+        on_change: Callable[[BreakerChange], None] | None = None,
     ) -> None:
         if isinstance(bootstrap_servers, str):
             bootstrap_servers = bootstrap_servers.split(",")
@@ -311,6 +312,7 @@ class BreakerFollower:
         self.topic = topic
         self.bootstrap_servers = [s.strip().removeprefix("kafka://") for s in bootstrap_servers if s.strip()]
         self.poll_seconds = poll_seconds
+        self.on_change = on_change  # also told of every valid change read (e.g. a dashboard's view)
         self.records = 0  # records read
         self.rejected = 0  # records that were not a valid BreakerChange
         self._client_options: dict[str, Any] = {
@@ -446,6 +448,8 @@ class BreakerFollower:
             )
             return
         self.table.apply(change)
+        if self.on_change is not None:
+            self.on_change(change)
 
 
 # -- the middleware ----------------------------------------------------------------------------

@@ -72,6 +72,7 @@ class Engine:
         self._due = [math.inf] * len(detectors)
         self._next_evict = math.inf
         self._pinned: set[Entity] = set()
+        self.last_cost = 0.0  # of the last event processed, for shells that show spend
 
     @classmethod
     def from_settings(cls, settings: Settings, scope: Scope = "all") -> Engine:
@@ -128,6 +129,7 @@ class Engine:
                 stats.unpriced_events += 1
         stats.events += 1
         stats.spend_by_team[ev.team] += cost
+        self.last_cost = cost
         for det in self.detectors:
             det.observe(ev, ts, cost)
         return alerts

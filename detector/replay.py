@@ -65,8 +65,12 @@ def replay(
     on_alert: Callable[[Alert], None] | None = None,
     on_reject: Callable[[Reject], None] | None = None,
     finish: bool = True,
+    on_event: Callable[[UsageEvent, float], None] | None = None,
 ) -> ReplayResult:
-    """Feed every line to ``engine``; blank lines are skipped, bad ones rejected."""
+    """Feed every line to ``engine``; blank lines are skipped, bad ones rejected.
+
+    ``on_event(event, cost_usd)`` sees every valid event after the engine (a live view's feed).
+    """
     result = ReplayResult()
     validate = UsageEvent.model_validate_json
     process = engine.process
@@ -83,6 +87,8 @@ def replay(
             continue
         result.events += 1
         alerts = process(ev)
+        if on_event is not None:
+            on_event(ev, engine.last_cost)
         if alerts:
             result.alerts += len(alerts)
             if on_alert is not None:

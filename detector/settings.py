@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml  # type: ignore[import-untyped]
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from detector.alerting.policy import AlertingSettings
@@ -66,6 +66,20 @@ class TeamSettings(BaseModel):
     )
 
 
+class WebSettings(BaseModel):
+    """``[web]``: the dashboard, JSON API and /metrics (``detector demo --serve``, ``replay --serve``, the worker)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(default="127.0.0.1", description="Listen address; loopback unless you put a proxy in front.")
+    port: int = Field(default=8080, ge=0, le=65535, description="Listen port (0: any free port).")
+    api_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for changes (breakers, feedback); unset: the API is read-only. "
+        "Set STORMWATCH_WEB__API_TOKEN rather than the file.",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STORMWATCH_", env_nested_delimiter="__", extra="forbid", frozen=True)
 
@@ -81,6 +95,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(
         default_factory=KafkaSettings, description="Broker, topics and pacing of `detector worker`."
     )
+    web: WebSettings = Field(default_factory=WebSettings, description="Dashboard, API and metrics server.")
     alerting: AlertingSettings = Field(
         default_factory=AlertingSettings, description="Routing, rules, Slack, kill-switch webhooks and breakers."
     )

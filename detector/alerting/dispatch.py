@@ -49,6 +49,7 @@ class Dispatcher:
         echo: Callable[[str], None] = print,
         outbox_path: str | Path | None = None,
         responder: Responder | None = None,
+        on_change: Callable[[BreakerChange], None] | None = None,
     ) -> None:
         a = settings.alerting
         self.settings = settings
@@ -56,6 +57,7 @@ class Dispatcher:
         self.responder = responder or Responder(settings)
         self.publish_breaker = publish_breaker
         self.echo = echo
+        self.on_change = on_change  # sees every breaker change, dry run or not (a live view)
         self.endpoints = {
             name: WebhookEndpoint(name=name, url=w.url, secret=w.secret, timeout_seconds=w.timeout_seconds)
             for name, w in a.webhooks.items()
@@ -104,6 +106,8 @@ class Dispatcher:
 
     async def _breaker_changes(self, changes: Iterable[BreakerChange], webhooks: Iterable[str] | None) -> None:
         for change in changes:
+            if self.on_change is not None:
+                self.on_change(change)
             names = tuple(webhooks) if webhooks is not None else self.responder.route(change.owner).webhooks
             if self.dry_run:
                 targets = ", ".join(f"{n} ({self.endpoints[n].url})" for n in names) or "no webhook"

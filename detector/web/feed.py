@@ -28,12 +28,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from detector.engine import Engine
 from detector.events import Alert, BreakerChange, IncidentFeedback, UsageEvent
 from detector.pricing import PriceCatalog
-from detector.replay import ReplayResult, explain, open_events
+from detector.replay import ReplayResult, open_events, replay
 from detector.settings import Settings, load_settings
 from detector.web.metrics import Metrics
 from detector.web.view import LiveView
@@ -83,34 +81,20 @@ def replay_into(
     finish: bool = True,
 ) -> ReplayResult:
     """:func:`detector.replay.replay`, feeding ``feed`` with every event, cost, alert and reject."""
-    result = ReplayResult()
-    validate = UsageEvent.model_validate_json
-    catalog = engine.catalog
-    for number, raw in enumerate(lines, start=1):
-        result.lines = number
-        if not raw.strip():
-            continue
-        try:
-            ev = validate(raw)
-        except ValidationError as error:
-            result.rejected += 1
-            feed.observe_reject(explain(error))
-            continue
-        result.events += 1
-        alerts = engine.process(ev)
-        feed.observe_event(ev, event_cost(ev, catalog))
-        for alert in alerts:
-            result.alerts += 1
-            feed.observe_alert(alert)
-            if on_alert is not None:
-                on_alert(alert)
-    if finish:
-        for alert in engine.finish():
-            result.alerts += 1
-            feed.observe_alert(alert)
-            if on_alert is not None:
-                on_alert(alert)
-    return result
+
+    def alert(a: Alert) -> None:
+        feed.observe_alert(a)
+        if on_alert is not None:
+            on_alert(a)
+
+    return replay(
+        lines,
+        engine,
+        on_alert=alert,
+        on_reject=lambda reject: feed.observe_reject(reject.reason),
+        finish=finish,
+        on_event=feed.observe_event,
+    )
 
 
 def build_view_from_replay(

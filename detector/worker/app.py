@@ -95,6 +95,7 @@ from detector.engine import Engine
 from detector.events import Alert, UsageEvent, utc_from_epoch
 from detector.replay import explain
 from detector.settings import Settings
+from detector.web import Feed, LiveView, Metrics
 from detector.worker.clock import IdleClock
 from detector.worker.config import KafkaSettings
 from detector.worker.consumer import NoFaustConsumer, UsageConsumer
@@ -107,6 +108,7 @@ from detector.worker.snapshots import (
     StateReader,
     state_key,
 )
+from detector.worker.web import WorkerWeb
 
 log = logging.getLogger("stormwatch.worker")
 
@@ -279,12 +281,15 @@ class Runtime:
         reader: StateReader,
         forward: Forward | None = None,
         forwarded: bool = False,
+        feed: Feed | None = None,
     ) -> None:
         self.k = k
         self.topic = topic  # the source topic: usage, or by-team
         self.forward = forward  # usage events on to the by-team topic
         self.forwarded = forwarded  # the source is the by-team topic: drop what was forwarded twice
         self.label = "by-team " if forwarded else ""  # in log lines
+        self.feed = feed  # the dashboard's view and metrics, when the worker serves them
+        self.restored = False  # the first assignment was taken (for /readyz)
         self.topics = topics
         self.make_engine = make_engine
         self.reader = reader
@@ -391,6 +396,9 @@ class Runtime:
                 " ".join(f"{a.kind.value}.{a.status.value}:{a.alert_id}" for a in alerts if a not in fresh),
             )
         headers = source_headers(self.topic, part.number, offset)
+        if self.feed is not None:
+            for a in alerts:
+                self.feed.observe_alert(a)
         send = self.topics.alerts.send
         return [
             await send(key=a.incident_id.encode(), value=a.model_dump_json().encode(), headers=headers) for a in fresh
@@ -400,6 +408,8 @@ class Runtime:
         self, key: bytes | None, value: bytes | None, topic: str, partition: int, offset: int, reason: str
     ) -> Awaitable[Any]:
         log.warning("rejected %s[%d]@%d: %s", topic, partition, offset, reason[:300])
+        if self.feed is not None:
+            self.feed.observe_reject(reason)
         headers = dlq_headers(reason, topic, partition, offset)
         return await self.topics.dlq.send(key=key, value=value, headers=headers)
 
@@ -461,11 +471,15 @@ class Runtime:
         """Usage records through the partition's engine; valid events forwarded by team, in packs."""
         handler = part.handler
         packs: dict[str, list[tuple[int, bytes]]] = {}
+        feed = self.feed
         for r in records:
             result = handler.handle(r.value, wall)
             if isinstance(result, Rejected):
                 pending.append(await self.dead_letter(r.key, r.value, r.topic, r.partition, r.offset, result.reason))
                 continue
+            if feed is not None:
+                assert handler.last is not None
+                feed.observe_event(handler.last, handler.engine.last_cost)
             if result:
                 pending.extend(await self.publish(part, result, r.offset))
             if self.forward is not None:
@@ -539,6 +553,7 @@ class Runtime:
             for part in self.parts.values():
                 part.resumed, part.reseeks = False, 0
             resume_at = {assigned[n]: p.offset + 1 for n, p in self.parts.items() if p.saved_offset is not None}
+            self.restored = True
         log.info("stormwatch: resuming %s", " ".join(f"{tp.partition}@{o}" for tp, o in sorted(resume_at.items())))
         return resume_at
 
@@ -573,9 +588,7 @@ def create_app(settings: Settings) -> faust.App:
         broker=k.broker_urls(),
         broker_credentials=broker_credentials(k),
         store="memory://",  # no Faust tables: engines are snapshotted to the state topic by this module
-        web_enabled=k.web_port is not None,
-        web_port=k.web_port or 6066,
-        web_bind="127.0.0.1",
+        web_enabled=k.web_port is not None,  # the server is ours: see detector.worker.web
         topic_partitions=k.partitions,
         topic_replication_factor=k.replication_factor,
         topic_disable_leader=True,  # no on_leader timers: skip the leader-election topic
@@ -619,10 +632,14 @@ def create_app(settings: Settings) -> faust.App:
     )
     usage = topic(k.usage_topic)
     sources = [usage]
+    feed = None
+    if k.web_port is not None:
+        view = LiveView()
+        feed = Feed(view, Metrics(view))
     if k.repartition_by_team:
         sources.append(topic(k.by_team_topic, retention_days=k.alerts_retention_days))
         runtimes = [
-            Runtime(k, k.usage_topic, topics, lambda: Engine.from_settings(settings, "key"), StateReader(k)),
+            Runtime(k, k.usage_topic, topics, lambda: Engine.from_settings(settings, "key"), StateReader(k), feed=feed),
             Runtime(
                 k,
                 k.by_team_topic,
@@ -630,10 +647,12 @@ def create_app(settings: Settings) -> faust.App:
                 lambda: Engine.from_settings(settings, "team"),
                 StateReader(k),
                 forwarded=True,
+                feed=feed,
             ),
         ]
     else:
-        runtimes = [Runtime(k, k.usage_topic, topics, lambda: Engine.from_settings(settings), StateReader(k))]
+        whole = Runtime(k, k.usage_topic, topics, lambda: Engine.from_settings(settings), StateReader(k), feed=feed)
+        runtimes = [whole]
 
     async def declare() -> None:
         for source in sources:
@@ -641,6 +660,9 @@ def create_app(settings: Settings) -> faust.App:
         await topics.declare()
 
     app.service(cast(Any, UsageConsumer(runtimes, declare, beacon=app.beacon)))
+    if feed is not None:
+        ready = lambda: all(r.restored for r in runtimes)  # noqa: E731
+        app.web_server(WorkerWeb(settings, feed, ready, beacon=app.beacon))
 
     async def idle_tick() -> None:
         for runtime in runtimes:

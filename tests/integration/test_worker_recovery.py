@@ -93,7 +93,7 @@ def first_firing(events: list[UsageEvent]) -> Alert:
 
 def owned(worker: WorkerProcess) -> set[int]:
     """The usage partitions of the worker's latest assignment, from its log."""
-    line = next(line for line in reversed(worker.lines) if "stormwatch: assigned" in line)
+    line = next(line for line in reversed(worker.lines) if "stormwatch: assigned" in line and "by-team[" not in line)
     return {int(p) for p in re.findall(r"usage\[(\d+)\]", line)}
 
 

@@ -1,0 +1,101 @@
+"""The worker's web server on a real broker: health, readiness, metrics, incidents, and a breaker button.
+
+A worker with ``kafka.web_port`` serves the dashboard's API: after a retry storm the incident is
+listed, /metrics counts the events, and an authorised POST to /api/breakers writes an audited
+change to the breakers topic, which the view then shows (read back from the topic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from detector.events import BreakerChange
+from tests.conftest import T0
+from tests.integration.kafka_tools import (
+    Topics,
+    WorkerProcess,
+    consume_until,
+    normal_hour,
+    produce,
+    record,
+    retry_storm,
+)
+from tests.integration.test_worker import Workers, firing_storm, workers  # noqa: F401  (the fixture)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+TOKEN = "s3cret-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_the_worker_serves_health_metrics_incidents_and_breaker_changes(
+    kafka_bootstrap: str,
+    workers: Workers,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    topics = Topics.fresh("web")
+    port = free_port()
+    env = topics.worker_env(kafka_bootstrap, tmp_path / "faust-data", partitions=2, web_port=port)
+    env["STORMWATCH_WEB__API_TOKEN"] = TOKEN
+    events = normal_hour(T0) + retry_storm(T0 + 3600)
+    base = f"http://127.0.0.1:{port}"
+
+    async def scenario() -> dict[str, Any]:
+        worker = WorkerProcess(env, cwd=tmp_path)
+        workers.running.append(worker)
+        await worker.await_line(r"stormwatch: dashboard on http://127\.0\.0\.1:\d+/", timeout=30)
+        await worker.await_line(r"stormwatch: resuming", timeout=30)
+        await produce(kafka_bootstrap, topics.usage, map(record, events))
+        await consume_until(kafka_bootstrap, topics.alerts, firing_storm, timeout=30)
+        await worker.await_line(rf"stormwatch: events={len(events)} ", timeout=30)
+        got: dict[str, Any] = {}
+        async with aiohttp.ClientSession() as http:
+            for path in ("/healthz", "/readyz"):
+                async with http.get(base + path) as r:
+                    got[path] = r.status
+            async with http.get(base + "/metrics") as r:
+                got["metrics"] = await r.text()
+            async with http.get(base + "/api/incidents") as r:
+                got["incidents"] = await r.json()
+            change = {"entity": "api_key:key-1", "action": "open", "reason": "stop the storm", "ttl_seconds": 600}
+            async with http.post(base + "/api/breakers", json=change) as r:
+                got["unauthorised"] = r.status
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            async with http.post(base + "/api/breakers", json=change, headers=headers) as r:
+                got["authorised"] = r.status
+            on_topic = await consume_until(kafka_bootstrap, topics.breakers, lambda rs: bool(rs), timeout=20)
+            got["topic"] = [BreakerChange.model_validate_json(r.value) for r in on_topic]
+            for _ in range(100):  # the view learns it back from the topic, through the worker's follower
+                async with http.get(base + "/api/breakers") as r:
+                    breakers = (await r.json())["breakers"]
+                if breakers:
+                    break
+                await asyncio.sleep(0.1)
+            got["breakers"] = breakers
+        return got
+
+    got = asyncio.run(scenario())
+    assert got["/healthz"] == 200 and got["/readyz"] == 200
+    processed = [line for line in got["metrics"].splitlines() if line.startswith("stormwatch_events_processed_total")]
+    assert processed and float(processed[0].split()[-1]) == len(events), processed
+    kinds = {(i["kind"], i["entity"]) for i in got["incidents"]["incidents"]}
+    assert ("retry_storm", "api_key:key-1") in kinds, kinds
+    assert got["unauthorised"] == 401 and got["authorised"] == 200
+    (change,) = got["topic"]
+    assert (change.entity.type, change.entity.id, change.state.value) == ("api_key", "key-1", "open")
+    assert change.reason == "stop the storm"
+    assert [(b["entity"], b["state"]) for b in got["breakers"]] == [("api_key:key-1", "open")]
+    print(json.dumps(got["breakers"][0])[:200])
