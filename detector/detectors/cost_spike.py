@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import deque
+from collections import defaultdict, deque
 from functools import partial
 from typing import ClassVar
 
@@ -412,10 +412,11 @@ class CostSpike(EntityStores):
         best: tuple[Contributor, ...] = ()
         for dim in dims:
             col = column[dim]
-            ranked = top_contributors(
-                ((Entity(type=dim, id=ident_), r[1]) for r in rows if (ident_ := r[2][col]) is not None),
-                total=total,
-            )
+            spend: defaultdict[str, float] = defaultdict(float)
+            for r in rows:  # sum by plain id first: an Entity per row is costly on a busy key
+                if (key := r[2][col]) is not None:
+                    spend[key] += r[1]
+            ranked = top_contributors(((Entity(type=dim, id=k), v) for k, v in spend.items()), total=total)
             # Name the dimension that concentrates the spend most: that is the story.
             if ranked and (not best or ranked[0].share > best[0].share + 0.05):
                 best = ranked
