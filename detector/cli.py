@@ -421,6 +421,14 @@ def print_scorecard(console: Console, card: Any) -> None:
         table.add_row(*row)
     console.print(table)
     console.print(f"false incidents: {len(card.false_incidents)} ({card.false_per_day:g} per day)")
+    if card.feedback:
+        counts = ", ".join(f"{sum(kinds.values())} {label}" for label, kinds in sorted(card.feedback.items()))
+        precision = card.owner_precision
+        console.print(
+            f"owners' labels: {counts}"
+            + (f"; precision by their labels {precision:.0%}" if precision is not None else ""),
+            highlight=False,
+        )
     for f in card.false_incidents[:10]:
         console.print(
             f"  [yellow]false[/] {f['detected_at']} {f['kind']} {f['owner']}: {f['summary']}", highlight=False

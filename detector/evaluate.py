@@ -25,7 +25,7 @@
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -77,6 +77,15 @@ class Scorecard:
     scenarios: dict[str, KindScore]
     false_incidents: list[dict[str, Any]]
     missed: list[dict[str, Any]]
+    # Owners' labels (IncidentFeedback records), newest per incident: label -> kind -> count
+    feedback: dict[str, Counter[str]] = field(default_factory=dict)
+
+    @property
+    def owner_precision(self) -> float | None:
+        """real / (real + false_alarm) among labelled incidents; planned work counts as neither."""
+        real = sum(self.feedback.get("real", Counter()).values())
+        false = sum(self.feedback.get("false_alarm", Counter()).values())
+        return round(real / (real + false), 3) if real + false else None
 
     @property
     def false_per_day(self) -> float:
@@ -102,6 +111,8 @@ class Scorecard:
             "scenarios": dump(self.scenarios),
             "false_incidents": self.false_incidents,
             "missed": self.missed,
+            "feedback": {label: dict(kinds) for label, kinds in self.feedback.items()},
+            "owner_precision": self.owner_precision,
         }
 
 
@@ -112,8 +123,14 @@ def _ts(value: str | datetime) -> float:
 
 
 def score(labels: Iterable[IncidentLabel], alerts: Iterable[Mapping[str, Any]], days: float) -> Scorecard:
+    """Alerts against ground-truth labels. Owners' feedback records among ``alerts`` (they share the
+    alerts topic; they have a ``feedback_id``) are counted apart, the newest per incident."""
     incidents: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    verdicts: dict[str, Mapping[str, Any]] = {}
     for alert in alerts:
+        if "feedback_id" in alert:
+            verdicts[alert["incident_id"]] = alert
+            continue
         incidents[alert["incident_id"]].append(alert)
     labels = list(labels)
     kinds = {k.value: KindScore() for k in AlertKind}
@@ -190,7 +207,10 @@ def score(labels: Iterable[IncidentLabel], alerts: Iterable[Mapping[str, Any]], 
                     "summary": opening.get("explanation", {}).get("summary", ""),
                 }
             )
-    return Scorecard(days, kinds, dict(scenarios), false_incidents, missed)
+    feedback: dict[str, Counter[str]] = defaultdict(Counter)
+    for verdict in verdicts.values():
+        feedback[verdict["label"]][verdict["kind"]] += 1
+    return Scorecard(days, kinds, dict(scenarios), false_incidents, missed, dict(feedback))
 
 
 def table_rows(card: Scorecard) -> list[tuple[str, ...]]:

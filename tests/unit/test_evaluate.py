@@ -54,3 +54,30 @@ def test_a_detection_before_the_label_starts_counts_with_zero_latency_but_not_an
     assert early.kinds["retry_storm"].latencies == [0.0]
     way_early = score(labels, [alert("a", "retry_storm", T - timedelta(hours=1))], days=1.0)
     assert way_early.kinds["retry_storm"].recall == 0.0 and len(way_early.false_incidents) == 1
+
+
+def feedback(iid: str, kind: str, label_: str, n: int) -> dict[str, Any]:
+    return {"feedback_id": f"f{n}", "incident_id": iid, "kind": kind, "label": label_, "actor": "ana",
+            "entity": {"type": "api_key", "id": "k"}, "labelled_at": T.isoformat(), "silence_seconds": 0}
+
+
+def test_owners_labels_on_the_alerts_topic_are_counted_newest_per_incident_and_not_taken_for_alerts() -> None:
+    labels = [label("retry_storm", "full_storm")]
+    alerts = [
+        alert("a", "retry_storm", T + timedelta(seconds=12)),
+        alert("b", "cost_spike", T + timedelta(hours=3)),
+        alert("c", "cost_spike", T + timedelta(hours=5)),
+        feedback("a", "retry_storm", "real", 1),
+        feedback("b", "cost_spike", "real", 2),
+        feedback("b", "cost_spike", "false_alarm", 3),  # changed their mind: the newest counts
+        feedback("c", "cost_spike", "planned", 4),
+    ]
+    card = score(labels, alerts, days=1.0)
+    assert card.kinds["cost_spike"].incidents == 2 and card.kinds["retry_storm"].incidents == 1
+    assert {k: dict(v) for k, v in card.feedback.items()} == {
+        "real": {"retry_storm": 1},
+        "false_alarm": {"cost_spike": 1},
+        "planned": {"cost_spike": 1},
+    }
+    assert card.owner_precision == 0.5  # 1 real against 1 false alarm; planned counts as neither
+    assert card.to_json()["feedback"]["false_alarm"] == {"cost_spike": 1}
