@@ -22,6 +22,7 @@ breakers topic, or printed by ``--dry-run``.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from detector.settings import Settings
 
 BREAKABLE = frozenset(get_args(BreakerEntityType))
+MAX_REMEMBERED_INCIDENTS = 100_000  # incidents whose ratio a later label can refer to
 
 
 def _seconds(value: float | str) -> float:
@@ -111,6 +113,13 @@ class AlertingSettings(BaseModel):
     silence_seconds: float = Field(
         default=24 * 3600.0, ge=0, description="How long a false_alarm or planned label silences the same pattern."
     )
+    tolerance_factor: float = Field(
+        default=1.5,
+        ge=1.0,
+        description="After a false_alarm label, the same kind on the same entity alerts only when its ratio "
+        "(observed / normal) beats the labelled incident's ratio times this factor ...",
+    )
+    tolerance_seconds: float = Field(default=30 * 86400.0, ge=0, description="... for this long.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +156,9 @@ class Responder:
         b = settings.alerting.breakers
         self.board = BreakerBoard(max_ttl=b.max_ttl, probe_seconds=b.probe_seconds)
         self.silences: dict[tuple[str, str], float] = {}  # (kind, entity key) -> until, epoch seconds
+        # (kind, entity key) -> (the ratio an alert must beat, until): widened by false_alarm labels
+        self.tolerance: dict[tuple[str, str], tuple[float, float]] = {}
+        self.ratios: OrderedDict[str, float] = OrderedDict()  # incident -> its highest ratio (bounded)
         self.feedback_seen: set[str] = set()
 
     def route(self, owner: str) -> Route:
@@ -164,9 +176,15 @@ class Responder:
     def decide(self, alert: Alert, now: float) -> Decision:
         """The decision for one alert record at time ``now`` (epoch seconds)."""
         route = self.route(alert.owner)
-        until = self.silences.get((alert.kind.value, str(alert.entity)))
+        pattern = (alert.kind.value, str(alert.entity))
+        self._remember_ratio(alert)
+        until = self.silences.get(pattern)
         if until is not None and now < until:
             return Decision(alert, route, "notify", action_text="Silenced by an owner's label.", silenced_until=until)
+        bar = self.tolerance.get(pattern)
+        if bar is not None and now < bar[1] and alert.evidence.ratio < bar[0]:
+            text = f"Below the {bar[0]:.1f}x an owner's false-alarm label asks of this entity."
+            return Decision(alert, route, "notify", action_text=text, silenced_until=bar[1])
         rule = self.rule_for(alert)
         if rule is None or rule.action == "notify" or alert.status is AlertStatus.RESOLVED:
             return Decision(alert, route, "notify", action_text=self._status_text(alert.entity, now))
@@ -199,20 +217,36 @@ class Responder:
         left = format_duration(max(0.0, expires - now))
         return f"Breaker opened on {entity} until {utc_from_epoch(expires):%H:%M} UTC ({left} from now)."
 
+    def _remember_ratio(self, alert: Alert) -> None:
+        ratios = self.ratios
+        ratios[alert.incident_id] = max(ratios.pop(alert.incident_id, 0.0), alert.evidence.ratio)
+        if len(ratios) > MAX_REMEMBERED_INCIDENTS:
+            ratios.popitem(last=False)
+
     def advance(self, now: float) -> list[BreakerChange]:
-        """Breakers that expire or close by time, and silences that end."""
+        """Breakers that expire or close by time, and silences and tolerances that end."""
         self.silences = {k: until for k, until in self.silences.items() if until > now}
+        self.tolerance = {k: bar for k, bar in self.tolerance.items() if bar[1] > now}
         return self.board.advance(now)
 
     def apply_feedback(self, feedback: IncidentFeedback, now: float) -> list[BreakerChange]:
-        """An owner's label: a false alarm or planned work silences the pattern and closes its breaker."""
+        """An owner's label: a false alarm or planned work silences the pattern and closes its breaker.
+
+        A false alarm also widens the entity's tolerance: for ``tolerance_seconds`` the same kind on
+        the same entity only alerts past ``tolerance_factor`` times the labelled incident's ratio.
+        """
         if feedback.feedback_id in self.feedback_seen:
             return []
         self.feedback_seen.add(feedback.feedback_id)
         if feedback.label is FeedbackLabel.REAL:
             return []
         seconds = feedback.silence_seconds or self.alerting.silence_seconds
-        self.silences[(feedback.kind.value, str(feedback.entity))] = now + seconds
+        pattern = (feedback.kind.value, str(feedback.entity))
+        self.silences[pattern] = now + seconds
+        ratio = self.ratios.get(feedback.incident_id)
+        if feedback.label is FeedbackLabel.FALSE_ALARM and ratio is not None:
+            a = self.alerting
+            self.tolerance[pattern] = (ratio * a.tolerance_factor, now + a.tolerance_seconds)
         breaker = self.board.get(feedback.entity)
         if breaker is None or breaker.state is BreakerState.CLOSED or feedback.entity.type not in BREAKABLE:
             return []

@@ -76,6 +76,7 @@ def make_alert(
     at: float = T0,
     incident: str = "inc-1",
     sequence: int = 0,
+    ratio: float = 12.0,
 ) -> Alert:
     return Alert.model_validate(
         {
@@ -93,8 +94,8 @@ def make_alert(
             "evidence": {
                 "metric": "attempts_per_minute",
                 "baseline": 3.0,
-                "observed": 36.0,
-                "ratio": 12.0,
+                "observed": 3.0 * ratio,
+                "ratio": ratio,
                 "window_seconds": 20,
             },
             "explanation": {"summary": f"{entity} went wild."},
@@ -270,12 +271,19 @@ def test_a_false_alarm_or_planned_label_closes_the_breaker_and_silences_the_patt
     assert r.apply_feedback(fb, T0 + 3000) == []
     assert r.silences[("retry_storm", "api_key:k1")] == T0 + 120 + 3600
 
-    # The silence ends; the pattern trips again.
+    # The silence ends; planned work trips again as before, a false alarm only past 1.5x its 12x.
     assert r.decide(make_alert(incident="inc-5", at=T0 + 3719), T0 + 3719).silenced
     r.advance(T0 + 3720)
     assert ("retry_storm", "api_key:k1") not in r.silences
     after = r.decide(make_alert(incident="inc-6", at=T0 + 3721), T0 + 3721)
-    assert not after.silenced and states(after.changes) == [("closed", "open")]
+    if label == "planned":
+        assert not after.silenced and states(after.changes) == [("closed", "open")]
+        return
+    assert after.silenced and after.changes == [] and "18.0x" in after.action_text
+    worse = r.decide(make_alert(incident="inc-7", at=T0 + 3722, ratio=19.0), T0 + 3722)
+    assert not worse.silenced and states(worse.changes) == [("closed", "open")]
+    r.advance(T0 + 120 + 30 * 86400)  # the widened tolerance lasts tolerance_seconds (30 days)
+    assert r.tolerance == {}
 
 
 def test_feedback_with_its_own_silence_and_on_a_closed_breaker() -> None:
@@ -464,7 +472,8 @@ def test_a_responder_survives_pickling_with_its_breakers_silences_and_seen_feedb
         out: list[Any] = [x.apply_feedback(feedback("planned", fid="fb-9"), T0 + 30)]  # seen: nothing
         out.append(x.decide(make_alert(incident="inc-3", at=T0 + 40), T0 + 40))  # silenced
         out.append(x.advance(T0 + 1810 + 300))  # s-2: half-open, then closed
-        out.append(x.decide(make_alert(incident="inc-4", at=T0 + 4000), T0 + 4000))  # silence over: trips
+        # Silence over; past the false alarm's widened tolerance (1.5 x 12x): trips.
+        out.append(x.decide(make_alert(incident="inc-4", at=T0 + 4000, ratio=20.0), T0 + 4000))
         return [[d.silenced_until, d.changes, d.action_text] if isinstance(d, Decision) else d for d in out]
 
     expected = future(r)
