@@ -219,7 +219,7 @@ def audit_record(action: Action, change: BreakerChange, at: float) -> dict[str, 
 def _client_options(k: KafkaSettings) -> dict[str, Any]:
     from detector.worker.snapshots import aiokafka_security
 
-    return {"bootstrap_servers": [u.removeprefix("kafka://") for u in k.broker_urls()], **aiokafka_security(k)}
+    return {"bootstrap_servers": k.hosts(), **aiokafka_security(k)}
 
 
 async def ensure_topics(k: KafkaSettings) -> set[str]:

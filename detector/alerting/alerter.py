@@ -48,7 +48,7 @@ TICK_SECONDS = 1.0
 
 
 def _servers(settings: Settings) -> list[str]:
-    return [u.removeprefix("kafka://") for u in settings.kafka.broker_urls()]
+    return settings.kafka.hosts()
 
 
 async def ensure_topics(settings: Settings) -> None:

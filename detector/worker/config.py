@@ -126,7 +126,10 @@ class KafkaSettings(BaseModel):
     def by_team_topic(self) -> str:
         return self.team_topic or f"{self.usage_topic}.by-team"
 
+    def hosts(self) -> list[str]:
+        """The bootstrap servers as aiokafka takes them: host:port, one per server."""
+        return [h.strip().removeprefix("kafka://") for h in self.bootstrap_servers.split(",") if h.strip()]
+
     def broker_urls(self) -> list[str]:
         """Faust broker URLs, one per bootstrap server."""
-        hosts = [h.strip().removeprefix("kafka://") for h in self.bootstrap_servers.split(",") if h.strip()]
-        return [f"kafka://{h}" for h in hosts]
+        return [f"kafka://{h}" for h in self.hosts()]

@@ -87,7 +87,7 @@ class UsageConsumer(mode.Service):
     async def on_start(self) -> None:
         k = self.runtime.k
         await self.declare()  # usage, by-team, alerts, dead-letter, breakers and state topics, when missing
-        servers = [u.removeprefix("kafka://") for u in k.broker_urls()]
+        servers = k.hosts()
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=servers,
             group_id=k.group_id,

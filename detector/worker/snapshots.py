@@ -114,7 +114,7 @@ class StateReader:
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=[u.removeprefix("kafka://") for u in self.k.broker_urls()],
+            bootstrap_servers=self.k.hosts(),
             group_id=None,
             enable_auto_commit=False,
             max_partition_fetch_bytes=self.k.snapshot_max_bytes,
