@@ -45,6 +45,11 @@ def test_compose_has_kafka_and_two_workers_on_the_default_topics() -> None:
         assert {k: env[f"STORMWATCH_KAFKA__{k}"] for k in TOPICS} == TOPICS
         assert env["STORMWATCH_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"] == "PLAINTEXT://kafka:9092"
+    alerter = services["alerter"]
+    assert _worker_args(alerter["command"]).run.__name__ == "_alerter"
+    assert alerter["environment"]["STORMWATCH_KAFKA__ALERTS_TOPIC"] == DEFAULTS.alerts_topic
+    outbox = alerter["environment"]["STORMWATCH_ALERTING__OUTBOX_PATH"]
+    assert any(outbox.startswith(v.split(":", 1)[1]) for v in alerter["volumes"]), "the outbox is on a volume"
 
 
 def test_kubernetes_config_is_a_valid_stormwatch_config_and_the_deployment_uses_it() -> None:
@@ -58,3 +63,15 @@ def test_kubernetes_config_is_a_valid_stormwatch_config_and_the_deployment_uses_
     assert args.run.__name__ == "_worker" and str(args.config) == "/etc/stormwatch/stormwatch.toml"
     mount = container["volumeMounts"][0]
     assert mount["mountPath"] == "/etc/stormwatch" and deployment["spec"]["replicas"] == 2
+    # The probes and the scrape hit the worker's web server, on the port the config gives it.
+    port = container["ports"][0]["containerPort"]
+    assert settings.kafka.web_port == port
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    alerter = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "stormwatch-alerter")
+    spec = alerter["spec"]["template"]["spec"]
+    assert _worker_args(spec["containers"][0]["args"]).run.__name__ == "_alerter"
+    mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    assert any(settings.alerting.outbox_path.startswith(m) for m in mounts - {"/etc/stormwatch"})
+    assert alerter["spec"]["replicas"] == 1 and alerter["spec"]["strategy"]["type"] == "Recreate"
