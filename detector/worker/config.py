@@ -82,7 +82,11 @@ class KafkaSettings(BaseModel):
         default=None, description="Faust's data directory (default: ./<group_id>-data); no state is kept there yet."
     )
     web_port: int | None = Field(
-        default=None, ge=1, le=65535, description="Faust's web server on 127.0.0.1:PORT; unset = no web server."
+        default=None,
+        ge=1,
+        le=65535,
+        description="The worker's dashboard, JSON API, /healthz, /readyz and /metrics on [web] host:PORT "
+        "(served as the Faust app's web server); unset: none.",
     )
     idle_advance_after_seconds: float = Field(
         default=3.0,

@@ -3,16 +3,18 @@
 Faust hosts the worker (producer, topic declaration, timers, web server, signals, shutdown), but
 its own consumer stays off (:class:`NoFaustConsumer`): Faust hands a stream one message at a
 time through its conductor and a consumer thread, about 80 µs a message, which capped a worker
-at ~11,000 events/s. Here ``getmany`` returns up to :data:`MAX_BATCH` records per call and the
-:class:`~detector.worker.app.Runtime` runs them straight through the engines, so the worker
-costs about what decoding and detection cost.
+at ~11,000 events/s. Here ``getmany`` returns up to :data:`MAX_BATCH` records per call, and
+the :class:`~detector.worker.app.Runtime` of each source topic (usage, and by-team when the
+worker repartitions) runs them straight through its engines, so the worker costs about what
+decoding and detection cost. With the repartition, this service also owns the idempotent
+producer that forwards the usage runtime's packs to the by-team topic.
 
-The group is ``kafka.group_id``; partitions are assigned by aiokafka's default (range)
-assignor, and the rebalance listener hands revocations and assignments to the runtime, which
-snapshots what it gives up and restores what it gets; the consumer then seeks each partition
-to the offset after its snapshot. Offsets are committed about once a second, only up to events
-whose alerts were delivered; they serve lag monitoring, since a partition resumes from its
-snapshot, not from the committed offset.
+The group is ``kafka.group_id``, subscribed to both topics; partitions are assigned by
+aiokafka's default (range) assignor, and the rebalance listener hands revocations and
+assignments to the runtimes, which snapshot what they give up and restore what they get; the
+consumer then seeks each partition to the offset after its snapshot. Offsets are committed
+about once a second, only up to events whose alerts were delivered; they serve lag monitoring,
+since a partition resumes from its snapshot, not from the committed offset.
 """
 
 from __future__ import annotations
