@@ -332,8 +332,11 @@ class Runtime:
             target = self.state_tp(part.number).partition
             pending.append(await self.topics.state.send(key=key, value=blob, partition=target))
         await asyncio.gather(*pending)  # one round trip for the lot
+        metrics = self.feed.metrics if self.feed is not None and not self.forwarded else None
         for part in batch:
             part.saved_offset, part.dirty = part.offset, False
+            if metrics is not None:
+                metrics.mark_snapshot(part.number, time.time(), size // len(batch))
         return size
 
     async def save_all(self, why: str) -> None:
@@ -465,6 +468,10 @@ class Runtime:
             await asyncio.gather(*pending)  # delivered before the events count as processed
             for part, offset in moved:
                 part.offset, part.dirty = offset, True
+            metrics = self.feed.metrics if self.feed is not None else None
+            if metrics is not None and handled:
+                metrics.observe_latency((time.monotonic() - wall) / handled)  # per event, this batch's mean
+                metrics.mark_event_seen(time.time())
         return handled
 
     async def _handle(self, part: Partition, records: Sequence[Any], wall: float, pending: list[Awaitable[Any]]) -> int:
@@ -537,8 +544,11 @@ class Runtime:
                     await self.save([part])  # wall-clock alerts need not repeat on re-processing: keep them now
 
     async def revoked(self, partitions: Iterable[TopicPartition]) -> None:
-        names = sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions if tp.topic == self.topic)
-        log.info("stormwatch: revoked %s", " ".join(names) or "nothing")
+        mine = [tp for tp in partitions if tp.topic == self.topic]
+        log.info("stormwatch: revoked %s", " ".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in mine)) or "nothing")
+        if self.feed is not None and self.feed.metrics is not None:
+            for tp in mine:
+                self.feed.metrics.forget_partition(tp.topic, tp.partition)
         await self.save_all("revoked")
 
     async def assigned(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:

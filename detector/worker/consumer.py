@@ -150,10 +150,17 @@ class UsageConsumer(mode.Service):
             self._loop_done.set()
 
     async def commit(self) -> None:
-        """Commit the delivered positions that moved (best effort: a rebalance may refuse it)."""
+        """Commit the delivered positions that moved (best effort: a rebalance may refuse it); report lag."""
         self._last_commit = time.monotonic()
         assignment = self.consumer.assignment()
         positions = [item for r in self.runtimes.values() for item in r.positions().items()]
+        metrics = self.runtime.feed.metrics if self.runtime.feed is not None else None
+        if metrics is not None:
+            done = dict(positions)
+            for tp in assignment:
+                end = self.consumer.highwater(tp)
+                if end is not None:
+                    metrics.set_consumer_lag(tp.topic, tp.partition, max(0, end - done.get(tp, 0)))
         moved = {tp: o for tp, o in positions if tp in assignment and self._committed.get(tp) != o}
         if not moved:
             return

@@ -66,8 +66,14 @@ def test_the_worker_serves_health_metrics_incidents_and_breaker_changes(
             for path in ("/healthz", "/readyz"):
                 async with http.get(base + path) as r:
                     got[path] = r.status
-            async with http.get(base + "/metrics") as r:
-                got["metrics"] = await r.text()
+            for _ in range(100):  # lag is reported with the commits, about once a second
+                async with http.get(base + "/metrics") as r:
+                    got["metrics"] = await r.text()
+                lags = [line for line in got["metrics"].splitlines() if line.startswith("stormwatch_consumer_lag{")]
+                if lags and all(float(line.split()[-1]) == 0 for line in lags):
+                    break
+                await asyncio.sleep(0.1)
+            got["lags"] = lags
             async with http.get(base + "/api/incidents") as r:
                 got["incidents"] = await r.json()
             change = {"entity": "api_key:key-1", "action": "open", "reason": "stop the storm", "ttl_seconds": 600}
@@ -91,6 +97,12 @@ def test_the_worker_serves_health_metrics_incidents_and_breaker_changes(
     assert got["/healthz"] == 200 and got["/readyz"] == 200
     processed = [line for line in got["metrics"].splitlines() if line.startswith("stormwatch_events_processed_total")]
     assert processed and float(processed[0].split()[-1]) == len(events), processed
+    # Both usage partitions (and the by-team ones) are reported, and drained.
+    usage_lags = [line for line in got["lags"] if f'topic="{topics.usage}"' in line]
+    assert len(usage_lags) == 2 and all(float(line.split()[-1]) == 0 for line in got["lags"]), got["lags"]
+    metric_lines = got["metrics"].splitlines()
+    (count,) = [line for line in metric_lines if line.startswith("stormwatch_processing_latency_seconds_count")]
+    assert float(count.split()[-1]) > 0, "the batches' processing time is observed"
     kinds = {(i["kind"], i["entity"]) for i in got["incidents"]["incidents"]}
     assert ("retry_storm", "api_key:key-1") in kinds, kinds
     assert got["unauthorised"] == 401 and got["authorised"] == 200
