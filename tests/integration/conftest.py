@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.kafka_tools import Workers
+
 KAFKA_SH = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "kafka.sh"
 
 
@@ -42,3 +44,11 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         os.environ.pop("KAFKA_BOOTSTRAP", None)
         subprocess.run(["bash", str(KAFKA_SH), "down"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def workers(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Workers]:
+    """Every worker a test starts is stopped after it."""
+    w = Workers(kafka_bootstrap, tmp_path)
+    yield w
+    w.stop_all()

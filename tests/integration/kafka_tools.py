@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.partitioner import murmur2
 
 from detector.events import UsageEvent
 from tests.conftest import make_event
@@ -260,3 +262,59 @@ class WorkerProcess:
                 self.proc.wait(10)
         self._reader.join(10)
         return self.proc.returncode
+
+
+# -- workers of one test ------------------------------------------------------------------------
+
+
+class Workers:
+    """``detector worker`` subprocesses of one test, on the session broker."""
+
+    def __init__(self, bootstrap: str, tmp_path: Path) -> None:
+        self.bootstrap = bootstrap
+        self.tmp_path = tmp_path
+        self.running: list[WorkerProcess] = []
+
+    def start(
+        self, topics: Topics, config_file: bool = False, env: dict[str, str] | None = None, **kafka: object
+    ) -> WorkerProcess:
+        """Settings through STORMWATCH_KAFKA__* variables, or a ``[kafka]`` table with ``config_file``;
+        ``env`` adds other variables (``STORMWATCH_WEB__API_TOKEN``, team budgets, ...)."""
+        data_dir = self.tmp_path / "faust-data"
+        settings_env: dict[str, str] = {}
+        args: list[str] = []
+        if config_file:
+            table = topics.kafka(self.bootstrap, data_dir, **kafka)
+            values = {k: v if isinstance(v, int | float) else str(v) for k, v in table.items()}
+            config = self.tmp_path / "stormwatch.toml"
+            config.write_text("[kafka]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+            args = ["--config", str(config)]
+        else:
+            settings_env = topics.worker_env(self.bootstrap, data_dir, **kafka)
+        self.running.append(WorkerProcess(settings_env | (env or {}), cwd=self.tmp_path, args=args))
+        return self.running[-1]
+
+    def stop_all(self) -> list[int]:
+        codes = [worker.stop() for worker in self.running]
+        for worker, code in zip(self.running, codes, strict=True):
+            print(f"--- worker exit {code}, log tail:\n{worker.tail(25)}")
+        self.running.clear()
+        return codes
+
+
+def firing_storm(records: list[Any]) -> bool:
+    """Whether a retry_storm firing record is among ``records``."""
+    return any(
+        (a["kind"], a["status"]) == ("retry_storm", "firing") for a in map(json.loads, (r.value for r in records))
+    )
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The usage partition of ``key`` (the Java client's and aiokafka's default partitioner)."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+def fleet(start: float, seconds: float, keys: list[str]) -> list[UsageEvent]:
+    """Every key calling every 2 s, keys staggered so that event ids differ."""
+    steps = int(seconds / 2)
+    return [make_event(start + 2.0 * j + 0.1 * i, api_key_id=key) for j in range(steps) for i, key in enumerate(keys)]

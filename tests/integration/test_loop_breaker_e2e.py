@@ -19,9 +19,8 @@ from detector.enforce import BreakerFollower, BreakerMiddleware, BreakerTable
 from detector.events import Entity, FeedbackLabel, IncidentFeedback, UsageEvent
 from detector.settings import Settings
 from tests.conftest import T0, make_event
-from tests.integration.kafka_tools import Topics, consume_until, produce, record
+from tests.integration.kafka_tools import Topics, Workers, consume_until, produce, record
 from tests.integration.test_breakers_kafka import ok_app, request
-from tests.integration.test_worker import Workers, workers  # noqa: F401  (the fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -41,7 +40,7 @@ def loop_and_healthy_sessions(start: float) -> list[UsageEvent]:
 
 def test_a_loop_trips_its_session_breaker_and_the_gateway_refuses_only_that_session(
     kafka_bootstrap: str,
-    workers: Workers,  # noqa: F811
+    workers: Workers,
     tmp_path: Path,
 ) -> None:
     topics = Topics.fresh("e2e")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import T0
+from tests.integration.http_recorder import free_port
 from tests.integration.kafka_tools import normal_hour, retry_storm
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -29,13 +29,6 @@ min_severity = "warning"
 action = "trip"
 breaker_ttl = "15m"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def get(url: str) -> dict[str, object]:

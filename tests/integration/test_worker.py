@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +25,11 @@ from detector.worker.app import (
 from tests.conftest import T0
 from tests.integration.kafka_tools import (
     Topics,
-    WorkerProcess,
+    Workers,
     committed_and_end,
     consume_until,
     create_topic,
+    firing_storm,
     normal_hour,
     produce,
     read_all,
@@ -39,53 +39,6 @@ from tests.integration.kafka_tools import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-
-class Workers:
-    """``detector worker`` subprocesses of one test, on the session broker."""
-
-    def __init__(self, bootstrap: str, tmp_path: Path) -> None:
-        self.bootstrap = bootstrap
-        self.tmp_path = tmp_path
-        self.running: list[WorkerProcess] = []
-
-    def start(self, topics: Topics, config_file: bool = False, **kafka: object) -> WorkerProcess:
-        """Settings through STORMWATCH_KAFKA__* variables, or a ``[kafka]`` table with ``config_file``."""
-        data_dir = self.tmp_path / "faust-data"
-        env: dict[str, str] = {}
-        args: list[str] = []
-        if config_file:
-            table = topics.kafka(self.bootstrap, data_dir, **kafka)
-            values = {k: v if isinstance(v, int | float) else str(v) for k, v in table.items()}
-            config = self.tmp_path / "stormwatch.toml"
-            config.write_text("[kafka]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
-            args = ["--config", str(config)]
-        else:
-            env = topics.worker_env(self.bootstrap, data_dir, **kafka)
-        self.running.append(WorkerProcess(env, cwd=self.tmp_path, args=args))
-        return self.running[-1]
-
-    def stop_all(self) -> list[int]:
-        codes = [worker.stop() for worker in self.running]
-        for worker, code in zip(self.running, codes, strict=True):
-            print(f"--- worker exit {code}, log tail:\n{worker.tail(25)}")
-        self.running.clear()
-        return codes
-
-
-@pytest.fixture
-def workers(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Workers]:
-    """Every worker a test starts is stopped after it."""
-    w = Workers(kafka_bootstrap, tmp_path)
-    yield w
-    w.stop_all()
-
-
-def firing_storm(records: list[Any]) -> bool:
-    """Whether a retry_storm firing record is among ``records``."""
-    return any(
-        (a["kind"], a["status"]) == ("retry_storm", "firing") for a in map(json.loads, (r.value for r in records))
-    )
 
 
 def test_storm_in_the_backlog_fires_within_seconds(kafka_bootstrap: str, workers: Workers) -> None:

@@ -10,24 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 import pytest
 
 from detector.pricing import PriceCatalog
 from detector.worker.snapshots import SOURCE_TOPIC_HEADER
 from tests.conftest import T0
-from tests.integration.kafka_tools import Topics, WorkerProcess, produce, read_all, record
-from tests.integration.test_worker import Workers, workers  # noqa: F401  (the fixture)
-from tests.integration.test_worker_recovery import fleet, partition_of
+from tests.integration.kafka_tools import Topics, Workers, fleet, partition_of, produce, read_all, record
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
 def test_a_team_spread_over_partitions_burns_its_budget_as_one(
     kafka_bootstrap: str,
-    workers: Workers,  # noqa: F811
-    tmp_path: Path,
+    workers: Workers,
 ) -> None:
     keys = [f"key-{i}" for i in range(8)]
     assert len({partition_of(k, 4) for k in keys}) >= 3, "the team is spread over partitions"
@@ -35,12 +31,10 @@ def test_a_team_spread_over_partitions_burns_its_budget_as_one(
     per_hour = sum(PriceCatalog.default().cost(e.model, e.input_tokens, e.output_tokens, 0) for e in events) / 1.5
     budget = per_hour * 720 / 30  # the team burns at 30x; a quarter of it at ~7.5x, under the 14.4x of critical
     topics = Topics.fresh("byteam")
-    env = topics.worker_env(kafka_bootstrap, tmp_path / "faust-data", partitions=4, idle_advance_after_seconds=600)
-    env["STORMWATCH_TEAMS__SEARCH__MONTHLY_BUDGET_USD"] = f"{budget:.4f}"
+    budget_env = {"STORMWATCH_TEAMS__SEARCH__MONTHLY_BUDGET_USD": f"{budget:.4f}"}
 
     async def scenario() -> list[dict[str, object]]:
-        worker = WorkerProcess(env, cwd=tmp_path)
-        workers.running.append(worker)
+        worker = workers.start(topics, env=budget_env, partitions=4, idle_advance_after_seconds=600)
         await worker.await_line(r"stormwatch: assigned .*\.usage\[", timeout=30)
         await produce(kafka_bootstrap, topics.usage, map(record, events))
         await worker.await_line(rf"by team: events={len(events)} ", timeout=90)

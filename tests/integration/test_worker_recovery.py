@@ -15,17 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka.partitioner import murmur2
 
 from detector.engine import Engine
 from detector.events import Alert, UsageEvent
-from tests.conftest import T0, make_event
+from tests.conftest import T0
 from tests.integration.kafka_tools import (
     Topics,
     WorkerProcess,
     consume_until,
     create_topic,
+    fleet,
     normal_hour,
+    partition_of,
     produce,
     read_all,
     record,
@@ -136,17 +137,6 @@ def test_restart_keeps_what_was_learned(kafka_bootstrap: str, topics: Topics, wo
     # The very alert one uninterrupted engine gives: same incident, same evidence, same baseline.
     assert storm_firing[0] == expected
     assert len({a.alert_id for a in storm_firing}) == 1
-
-
-def partition_of(key: str, partitions: int) -> int:
-    """The usage partition of ``key`` (the Java client's and aiokafka's default partitioner)."""
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
-
-
-def fleet(start: float, seconds: float, keys: list[str]) -> list[UsageEvent]:
-    """Every key calling every 2 s, keys staggered so that event ids differ."""
-    steps = int(seconds / 2)
-    return [make_event(start + 2.0 * j + 0.1 * i, api_key_id=key) for j in range(steps) for i, key in enumerate(keys)]
 
 
 def test_kill_9_loses_nothing_and_pages_once(kafka_bootstrap: str, topics: Topics, workers: Workers) -> None:

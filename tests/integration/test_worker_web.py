@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,44 +16,34 @@ import pytest
 
 from detector.events import BreakerChange
 from tests.conftest import T0
+from tests.integration.http_recorder import free_port
 from tests.integration.kafka_tools import (
     Topics,
-    WorkerProcess,
+    Workers,
     consume_until,
+    firing_storm,
     normal_hour,
     produce,
     record,
     retry_storm,
 )
-from tests.integration.test_worker import Workers, firing_storm, workers  # noqa: F401  (the fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 TOKEN = "s3cret-token"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_the_worker_serves_health_metrics_incidents_and_breaker_changes(
     kafka_bootstrap: str,
-    workers: Workers,  # noqa: F811
-    tmp_path: Path,
+    workers: Workers,
 ) -> None:
     topics = Topics.fresh("web")
     port = free_port()
-    env = topics.worker_env(kafka_bootstrap, tmp_path / "faust-data", partitions=2, web_port=port)
-    env["STORMWATCH_WEB__API_TOKEN"] = TOKEN
     events = normal_hour(T0) + retry_storm(T0 + 3600)
     base = f"http://127.0.0.1:{port}"
 
     async def scenario() -> dict[str, Any]:
-        worker = WorkerProcess(env, cwd=tmp_path)
-        workers.running.append(worker)
+        worker = workers.start(topics, env={"STORMWATCH_WEB__API_TOKEN": TOKEN}, partitions=2, web_port=port)
         await worker.await_line(r"stormwatch: dashboard on http://127\.0\.0\.1:\d+/", timeout=30)
         await worker.await_line(r"stormwatch: resuming", timeout=30)
         await produce(kafka_bootstrap, topics.usage, map(record, events))
