@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -73,13 +74,13 @@ class Dispatcher:
                     self.outbox, state_path=path, token=a.slack.token.get_secret_value(), base_url=a.slack.base_url
                 )
             self.webhooks = WebhookSender(self.outbox, self.endpoints.values())
-        self.decisions: list[Decision] = []
+        self.counts: Counter[str] = Counter()  # what was decided, for summary() (the alerter runs for months)
 
     async def handle(self, alert: Alert, now: float) -> Decision:
         """Decide on one alert record at ``now`` (epoch seconds) and carry it out."""
         await self.advance(now)
         decision = self.responder.decide(alert, now)
-        self.decisions.append(decision)
+        self.counts.update(alerts=1, silenced=int(decision.silenced), breaker_changes=len(decision.changes))
         route = decision.route
         if decision.silenced:
             self.echo(f"silenced  {header_for(alert)} (an owner's label)")
@@ -150,10 +151,10 @@ class Dispatcher:
             self.outbox.close()
 
     def summary(self) -> dict[str, Any]:
-        d = self.decisions
+        c = self.counts
         return {
-            "alerts": len(d),
-            "silenced": sum(x.silenced for x in d),
-            "breaker_changes": sum(len(x.changes) for x in d),
+            "alerts": c["alerts"],
+            "silenced": c["silenced"],
+            "breaker_changes": c["breaker_changes"],
             "dead_letters": len(self.outbox.dead_letters()) if self.outbox is not None else 0,
         }
