@@ -217,9 +217,9 @@ def audit_record(action: Action, change: BreakerChange, at: float) -> dict[str, 
 
 
 def _client_options(k: KafkaSettings) -> dict[str, Any]:
-    from detector.worker.snapshots import aiokafka_security
+    from detector.worker.snapshots import client_options
 
-    return {"bootstrap_servers": k.hosts(), **aiokafka_security(k)}
+    return client_options(k)
 
 
 async def ensure_topics(k: KafkaSettings) -> set[str]:

@@ -38,7 +38,7 @@ from detector.breaker_cli import current_changes
 from detector.breakers import entity_key
 from detector.events import Alert, BreakerChange, IncidentFeedback
 from detector.settings import Settings
-from detector.worker.snapshots import aiokafka_security
+from detector.worker.snapshots import client_options
 
 log = logging.getLogger("stormwatch.alerter")
 
@@ -47,14 +47,10 @@ FEEDBACK = b"feedback"
 TICK_SECONDS = 1.0
 
 
-def _servers(settings: Settings) -> list[str]:
-    return settings.kafka.hosts()
-
-
 async def ensure_topics(settings: Settings) -> None:
     """The alerts and breakers topics, when missing (the worker creates them too)."""
     k = settings.kafka
-    admin = AIOKafkaAdminClient(bootstrap_servers=_servers(settings), **aiokafka_security(k))
+    admin = AIOKafkaAdminClient(**client_options(k))
     await admin.start()
     try:
         wanted = [
@@ -73,7 +69,7 @@ async def ensure_topics(settings: Settings) -> None:
 async def find_incident(settings: Settings, incident_id: str, timeout: float = 30.0) -> Alert | None:
     """The newest record of ``incident_id`` on the alerts topic (read from the beginning)."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=_servers(settings), enable_auto_commit=False, **aiokafka_security(settings.kafka)
+        enable_auto_commit=False, **client_options(settings.kafka)
     )
     await consumer.start()
     try:
@@ -99,7 +95,7 @@ async def find_incident(settings: Settings, incident_id: str, timeout: float = 3
 
 async def publish_feedback(settings: Settings, feedback: IncidentFeedback) -> None:
     """Put an owner's label on the alerts topic (keyed by incident, so it follows the incident's records)."""
-    producer = AIOKafkaProducer(bootstrap_servers=_servers(settings), acks="all", **aiokafka_security(settings.kafka))
+    producer = AIOKafkaProducer(acks="all", **client_options(settings.kafka))
     await producer.start()
     try:
         await producer.send_and_wait(
@@ -154,15 +150,14 @@ class Alerter:
         board = self.dispatcher.responder.board
         known = sum(board.apply(c) for c in ((await current_changes(k)) or {}).values())
         log.info("alerter: %d breaker changes adopted from %s", known, k.breakers_topic)
-        self.producer = AIOKafkaProducer(bootstrap_servers=_servers(self.settings), acks="all", **aiokafka_security(k))
+        self.producer = AIOKafkaProducer(acks="all", **client_options(k))
         await self.producer.start()
         self.consumer = AIOKafkaConsumer(
             k.alerts_topic,
-            bootstrap_servers=_servers(self.settings),
             group_id=f"{k.group_id}.alerter",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            **aiokafka_security(k),
+            **client_options(k),
         )
         await self.consumer.start()
 

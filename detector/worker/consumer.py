@@ -30,7 +30,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import ConsumerStoppedError, KafkaError  # type: ignore[import-untyped]
 from faust.app.base import BootStrategy
 
-from detector.worker.snapshots import aiokafka_security
+from detector.worker.snapshots import client_options
 
 if TYPE_CHECKING:
     from detector.worker.app import Runtime
@@ -89,9 +89,7 @@ class UsageConsumer(mode.Service):
     async def on_start(self) -> None:
         k = self.runtime.k
         await self.declare()  # usage, by-team, alerts, dead-letter, breakers and state topics, when missing
-        servers = k.hosts()
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=servers,
             group_id=k.group_id,
             client_id=f"{k.group_id}-usage",
             enable_auto_commit=False,
@@ -99,17 +97,16 @@ class UsageConsumer(mode.Service):
             session_timeout_ms=int(k.session_timeout_seconds * 1000),
             heartbeat_interval_ms=int(min(3.0, k.session_timeout_seconds / 3) * 1000),
             max_poll_records=MAX_BATCH,
-            **aiokafka_security(k),
+            **client_options(k),
         )
         self._consumer.subscribe(list(self.runtimes), listener=_Rebalance(self))
         if k.repartition_by_team:
             self._producer = AIOKafkaProducer(
-                bootstrap_servers=servers,
                 client_id=f"{k.group_id}-by-team",
                 acks="all",
                 enable_idempotence=True,  # forwards of one usage partition stay in order: repeats are told by offset
                 linger_ms=5,
-                **aiokafka_security(k),
+                **client_options(k),
             )
             await self._producer.start()
             self.runtime.forward = self.forward

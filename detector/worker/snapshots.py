@@ -103,6 +103,11 @@ def aiokafka_security(k: KafkaSettings) -> dict[str, Any]:
     return kwargs
 
 
+def client_options(k: KafkaSettings) -> dict[str, Any]:
+    """Bootstrap servers and security settings, as every aiokafka client of ours takes them."""
+    return {"bootstrap_servers": k.hosts(), **aiokafka_security(k)}
+
+
 class StateReader:
     """Reads snapshots back and finds alerts already published; a plain consumer, no group."""
 
@@ -114,12 +119,11 @@ class StateReader:
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.k.hosts(),
             group_id=None,
             enable_auto_commit=False,
             max_partition_fetch_bytes=self.k.snapshot_max_bytes,
             fetch_max_bytes=self.k.snapshot_max_bytes,
-            **aiokafka_security(self.k),
+            **client_options(self.k),
         )
         await self._consumer.start()
 

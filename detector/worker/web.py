@@ -22,7 +22,7 @@ from detector.enforce import BreakerFollower, BreakerTable
 from detector.events import BreakerChange, IncidentFeedback
 from detector.settings import Settings
 from detector.web import BreakerRequest, Feed, bound_port, create_web_app, serve
-from detector.worker.snapshots import aiokafka_security
+from detector.worker.snapshots import client_options
 
 log = logging.getLogger("stormwatch.worker")
 
@@ -77,11 +77,10 @@ class WorkerWeb(mode.Service):
         s, k = self.settings, self.settings.kafka
         self.follower = BreakerFollower(
             BreakerTable(),
-            k.bootstrap_servers,
-            k.breakers_topic,
+            topic=k.breakers_topic,
             client_id=f"{k.group_id}-web-breakers",
             on_change=self.feed.observe_breaker,
-            **aiokafka_security(k),
+            **client_options(k),
         )
         await self.follower.start()
         token = s.web.api_token.get_secret_value() if s.web.api_token is not None else None
