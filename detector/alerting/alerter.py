@@ -27,7 +27,7 @@ import pickle
 import time
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # type: ignore[import-untyped]
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
 from aiokafka.errors import TopicAlreadyExistsError  # type: ignore[import-untyped]
 from pydantic import ValidationError
@@ -38,7 +38,7 @@ from detector.breaker_cli import current_changes
 from detector.breakers import entity_key
 from detector.events import Alert, BreakerChange, IncidentFeedback
 from detector.settings import Settings
-from detector.worker.snapshots import client_options
+from detector.worker.snapshots import StateReader, client_options
 
 log = logging.getLogger("stormwatch.alerter")
 
@@ -68,29 +68,17 @@ async def ensure_topics(settings: Settings) -> None:
 
 async def find_incident(settings: Settings, incident_id: str, timeout: float = 30.0) -> Alert | None:
     """The newest record of ``incident_id`` on the alerts topic (read from the beginning)."""
-    consumer = AIOKafkaConsumer(
-        enable_auto_commit=False, **client_options(settings.kafka)
-    )
-    await consumer.start()
+    reader = StateReader(settings.kafka, timeout=timeout)
+    await reader.start()
     try:
-        parts = consumer.partitions_for_topic(settings.kafka.alerts_topic) or set()
-        tps = [TopicPartition(settings.kafka.alerts_topic, p) for p in sorted(parts)]
-        if not tps:
-            return None
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
         found: Alert | None = None
         key = incident_id.encode()
-        async with asyncio.timeout(timeout):
-            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-                for records in (await consumer.getmany(*tps, timeout_ms=500)).values():
-                    for r in records:
-                        if r.key == key and dict(r.headers).get(RECORD_HEADER) != FEEDBACK:
-                            found = Alert.model_validate_json(r.value)
+        async for r in reader.records(settings.kafka.alerts_topic):
+            if r.key == key and dict(r.headers).get(RECORD_HEADER) != FEEDBACK:
+                found = Alert.model_validate_json(r.value)
         return found
     finally:
-        await consumer.stop()
+        await reader.stop()
 
 
 async def publish_feedback(settings: Settings, feedback: IncidentFeedback) -> None:

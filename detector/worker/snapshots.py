@@ -25,7 +25,7 @@ import asyncio
 import json
 import ssl
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,7 +109,7 @@ def client_options(k: KafkaSettings) -> dict[str, Any]:
 
 
 class StateReader:
-    """Reads snapshots back and finds alerts already published; a plain consumer, no group."""
+    """Reads our topics back (snapshots, alerts already published, an incident); a plain consumer, no group."""
 
     def __init__(self, k: KafkaSettings, timeout: float = 60.0) -> None:
         self.k = k
@@ -182,22 +182,27 @@ class StateReader:
                     hi, window = lo, window * 4
         return {key: Snapshot.decode(v) for key, v in found.items() if v is not None}
 
-    async def published_since(self, alerts_topic: str, since: Mapping[int, int], source: tuple[str, int]) -> set[str]:
-        """Ids of the alerts that ``source`` (usage topic, partition) published after offsets ``since``."""
-        tps = await self.partitions(alerts_topic)
+    async def records(self, topic: str, since: Mapping[int, int] | None = None) -> AsyncIterator[Any]:
+        """The records of ``topic`` from offsets ``since`` (per partition; default: the beginning) to its end now."""
+        tps = await self.partitions(topic)
         consumer = self.consumer
         consumer.assign(tps)
         begins = await consumer.beginning_offsets(tps)
         ends = await consumer.end_offsets(tps)
         for tp in tps:
-            consumer.seek(tp, max(since.get(tp.partition, 0), begins[tp]))
-        want = (source[0].encode(), str(source[1]).encode())
-        ids: set[str] = set()
+            consumer.seek(tp, max((since or {}).get(tp.partition, 0), begins[tp]))
         async with asyncio.timeout(self.timeout):
             while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
                 for records in (await consumer.getmany(*tps, timeout_ms=500)).values():
                     for r in records:
-                        headers = dict(r.headers)
-                        if (headers.get(SOURCE_TOPIC_HEADER), headers.get(SOURCE_PARTITION_HEADER)) == want:
-                            ids.add(json.loads(r.value)["alert_id"])
+                        yield r
+
+    async def published_since(self, alerts_topic: str, since: Mapping[int, int], source: tuple[str, int]) -> set[str]:
+        """Ids of the alerts that ``source`` (usage topic, partition) published after offsets ``since``."""
+        want = (source[0].encode(), str(source[1]).encode())
+        ids: set[str] = set()
+        async for r in self.records(alerts_topic, since):
+            headers = dict(r.headers)
+            if (headers.get(SOURCE_TOPIC_HEADER), headers.get(SOURCE_PARTITION_HEADER)) == want:
+                ids.add(json.loads(r.value)["alert_id"])
         return ids
