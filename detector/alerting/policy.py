@@ -24,9 +24,9 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
 
 from detector.alerting.webhooks import WebhookTarget
 from detector.breakers import BreakerBoard, format_duration, parse_duration
@@ -55,6 +55,9 @@ def _seconds(value: float | str) -> float:
     return parse_duration(value) if isinstance(value, str) else float(value)
 
 
+Seconds = Annotated[float, BeforeValidator(_seconds)]  # 900, or "15m", "1h30m"
+
+
 class Rule(BaseModel):
     """What happens to alerts of one kind (or all: ``*``) from a severity up."""
 
@@ -65,9 +68,7 @@ class Rule(BaseModel):
     action: Literal["notify", "trip"] = Field(
         default="notify", description="notify: Slack and the alerts topic only; trip: also open the entity's breaker."
     )
-    breaker_ttl: float = Field(default=900.0, gt=0, description="How long a tripped breaker stays open (s or '15m').")
-
-    _ttl = field_validator("breaker_ttl", mode="before")(classmethod(lambda cls, v: _seconds(v)))
+    breaker_ttl: Seconds = Field(default=900.0, gt=0, description="How long a tripped breaker stays open (s or '15m').")
 
     def matches(self, alert: Alert) -> bool:
         return (self.kind == "*" or self.kind == alert.kind) and alert.severity.rank >= self.min_severity.rank
@@ -85,10 +86,8 @@ class SlackSettings(BaseModel):
 class BreakerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_ttl: float = Field(default=4 * 3600.0, gt=0, description="Cap of the TTL, which doubles on each re-trip.")
-    probe_seconds: float = Field(default=300.0, gt=0, description="Quiet half-open time after which it closes.")
-
-    _secs = field_validator("max_ttl", "probe_seconds", mode="before")(classmethod(lambda cls, v: _seconds(v)))
+    max_ttl: Seconds = Field(default=4 * 3600.0, gt=0, description="Cap of the TTL, which doubles on each re-trip.")
+    probe_seconds: Seconds = Field(default=300.0, gt=0, description="Quiet half-open time after which it closes.")
 
 
 def _default_rules() -> list[Rule]:
