@@ -272,9 +272,7 @@ class Worker:
 
         With the by-team repartition an event is done when the by-team stage has it too.
         """
-        return [
-            (t, int(f.get("team_events", f["events"])) + int(f["rejected"])) for t, f in self.summaries()
-        ]
+        return [(t, int(f.get("team_events", f["events"])) + int(f["rejected"])) for t, f in self.summaries()]
 
     def last_summary(self) -> str:
         return next((line for _, line in reversed(self.lines) if "stormwatch: events=" in line), "")

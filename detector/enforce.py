@@ -194,9 +194,7 @@ class BreakerTable:
         )
         return self._decide(entries, now, take_probe=False)
 
-    def _decide(
-        self, entries: tuple[_Entry | None, ...], now: float | None, take_probe: bool
-    ) -> BreakerChange | None:
+    def _decide(self, entries: tuple[_Entry | None, ...], now: float | None, take_probe: bool) -> BreakerChange | None:
         if now is None:
             now = time.time()
         probes: list[_Entry] = []

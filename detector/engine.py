@@ -6,6 +6,7 @@ time: it advances a tick clock from the events themselves, asks each detector fo
 every ``interval`` seconds of event time, folds them into incidents, and lets idle state go.
 No I/O and no wall clock, so the same events always give the same alerts.
 
+>>> from detector.events import UsageEvent
 >>> engine = Engine.default()
 >>> alerts = engine.process(UsageEvent.model_validate({
 ...     "event_id": "e1", "timestamp": "2026-11-02T09:30:00Z", "team": "search", "api_key_id": "k1",
@@ -28,7 +29,7 @@ from detector.detectors.base import Detector, Finding
 from detector.detectors.budget_burn import BudgetBurn
 from detector.detectors.cost_spike import CostSpike
 from detector.detectors.retry_storm import RetryStorm
-from detector.events import Alert, Entity, EntityType, UsageEvent
+from detector.events import Alert, Entity, EntityType, Usage
 from detector.incidents import IncidentBook
 from detector.pricing import PriceCatalog
 from detector.settings import Settings
@@ -108,7 +109,7 @@ class Engine:
     def default(cls) -> Engine:
         return cls.from_settings(Settings())
 
-    def process(self, ev: UsageEvent) -> list[Alert]:
+    def process(self, ev: Usage) -> list[Alert]:
         """Observe one event; returns the alerts that became due up to its event time."""
         ts = ev.timestamp.timestamp()
         stats = self.stats

@@ -27,7 +27,8 @@ from typing import BinaryIO
 from pydantic import ValidationError
 
 from detector.engine import Engine
-from detector.events import Alert, UsageEvent
+from detector.events import Alert, Usage
+from detector.wire import decode_usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +66,14 @@ def replay(
     on_alert: Callable[[Alert], None] | None = None,
     on_reject: Callable[[Reject], None] | None = None,
     finish: bool = True,
-    on_event: Callable[[UsageEvent, float], None] | None = None,
+    on_event: Callable[[Usage, float], None] | None = None,
 ) -> ReplayResult:
     """Feed every line to ``engine``; blank lines are skipped, bad ones rejected.
 
     ``on_event(event, cost_usd)`` sees every valid event after the engine (a live view's feed).
     """
     result = ReplayResult()
-    validate = UsageEvent.model_validate_json
+    validate = decode_usage
     process = engine.process
     for number, raw in enumerate(lines, start=1):
         result.lines = number

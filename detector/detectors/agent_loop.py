@@ -35,7 +35,7 @@ from typing import ClassVar
 from river import stats
 
 from detector.detectors.base import EntityStores, Finding, usd
-from detector.events import AlertKind, DetectorRef, Entity, Evidence, Severity, UsageEvent
+from detector.events import AlertKind, DetectorRef, Entity, Evidence, Severity, Usage
 from detector.state import EntityStore
 
 MIN_OUTPUT_TOKENS = 20  # below this, identical outputs ("ok", a label) say nothing about progress
@@ -161,7 +161,7 @@ class AgentLoop(EntityStores):
         self._stores = {"session": self.sessions, "agent": self.norms}
         self._looping: set[str] = set()
 
-    def observe(self, ev: UsageEvent, ts: float, cost: float) -> None:
+    def observe(self, ev: Usage, ts: float, cost: float) -> None:
         sid = ev.session_id
         if sid is None:
             return
@@ -209,7 +209,7 @@ class AgentLoop(EntityStores):
             self._start(s)
             self._looping.add(sid)
 
-    def _first_step(self, s: Session, ev: UsageEvent) -> None:
+    def _first_step(self, s: Session, ev: Usage) -> None:
         s.agent, s.team, s.api_key, s.user = ev.agent_id, ev.team, ev.api_key_id, ev.user
         norms = self.norms.peek(ev.agent_id) if ev.agent_id is not None else None
         if norms is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, ClassVar, Protocol, TypeVar
 
-from detector.events import AlertKind, Contributor, DetectorRef, Entity, EntityType, Evidence, Severity, UsageEvent
+from detector.events import AlertKind, Contributor, DetectorRef, Entity, EntityType, Evidence, Severity, Usage
 from detector.state import EntityStore
 
 S = TypeVar("S")
@@ -50,7 +50,7 @@ class Detector(Protocol):
     version: ClassVar[str]
     interval: float
 
-    def observe(self, ev: UsageEvent, ts: float, cost: float) -> None: ...
+    def observe(self, ev: Usage, ts: float, cost: float) -> None: ...
 
     def evaluate(self, now: float) -> list[Finding]: ...
 

@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from typing import ClassVar
 
 from detector.detectors.base import Finding, usd
-from detector.events import AlertKind, DetectorRef, Entity, Evidence, Severity, UsageEvent
+from detector.events import AlertKind, DetectorRef, Entity, Evidence, Severity, Usage
 from detector.models import DAY, HOUR, SlotRing
 
 MINUTE = 60.0
@@ -74,7 +74,7 @@ class BudgetBurn:
         self._ref = DetectorRef(name=self.name, version=self.version)
         self.teams: dict[str, TeamSpend] = {}
 
-    def observe(self, ev: UsageEvent, ts: float, cost: float) -> None:
+    def observe(self, ev: Usage, ts: float, cost: float) -> None:
         st = self.teams.get(ev.team)
         if st is None:
             if ev.team not in self.budgets:

@@ -36,7 +36,7 @@ from functools import partial
 from typing import ClassVar
 
 from detector.detectors.base import EntityStores, Finding, keyed_stores, top_contributors, usd
-from detector.events import AlertKind, Contributor, DetectorRef, Entity, EntityType, Evidence, Severity, UsageEvent
+from detector.events import AlertKind, Contributor, DetectorRef, Entity, EntityType, Evidence, Severity, Usage
 from detector.models import DAY, HOUR, GatedLevel, LogBaseline, SeasonalProfile, SlotRing
 from detector.state import EntityStore
 
@@ -205,7 +205,7 @@ class CostSpike(EntityStores):
         gate = (self.level_ratio, self.sustained_ratio, self.level_sigmas, self.learn_seconds)
         return SpendRing(entity_type, now, self.level_half_life_min, gate)
 
-    def observe(self, ev: UsageEvent, ts: float, cost: float) -> None:
+    def observe(self, ev: Usage, ts: float, cost: float) -> None:
         slot = int(ts // SLOT)
         recent = (ts, cost, (ev.api_key_id, ev.model, ev.user, ev.agent_id))
         tokens = ev.input_tokens

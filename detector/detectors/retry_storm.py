@@ -37,7 +37,7 @@ import math
 from typing import ClassVar
 
 from detector.detectors.base import EntityStores, Finding, keyed_stores, usd
-from detector.events import AlertKind, DetectorRef, Entity, EntityType, Evidence, Severity, Status, UsageEvent
+from detector.events import AlertKind, DetectorRef, Entity, EntityType, Evidence, Severity, Status, Usage
 from detector.models import DAY, GatedLevel, SlotRing
 from detector.state import EntityStore
 
@@ -127,7 +127,7 @@ class RetryStorm(EntityStores):
         self._keyed = keyed_stores(self._stores)
         self._dirty: set[tuple[EntityType, str]] = set()
 
-    def observe(self, ev: UsageEvent, ts: float, cost: float) -> None:
+    def observe(self, ev: Usage, ts: float, cost: float) -> None:
         slot = int(ts // SLOT)
         failed = ev.status is not Status.OK
         attempt = ev.retry_attempt

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from detector.engine import Engine
-from detector.events import Alert, BreakerChange, IncidentFeedback, UsageEvent
+from detector.events import Alert, BreakerChange, IncidentFeedback, Usage
 from detector.pricing import PriceCatalog
 from detector.replay import ReplayResult, open_events, replay
 from detector.settings import Settings, load_settings
@@ -37,7 +37,7 @@ from detector.web.metrics import Metrics
 from detector.web.view import LiveView
 
 
-def event_cost(ev: UsageEvent, catalog: PriceCatalog) -> float:
+def event_cost(ev: Usage, catalog: PriceCatalog) -> float:
     """What the engine charges for ``ev``: its ``cost_usd``, else the catalog's price (0.0 when unknown)."""
     if ev.cost_usd is not None:
         return ev.cost_usd
@@ -51,7 +51,7 @@ class Feed:
         self.view = view
         self.metrics = metrics
 
-    def observe_event(self, ev: UsageEvent, cost_usd: float) -> None:
+    def observe_event(self, ev: Usage, cost_usd: float) -> None:
         self.view.observe_event(ev, cost_usd)
         if self.metrics is not None:
             self.metrics.observe_event(ev, cost_usd)

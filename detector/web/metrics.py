@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from detector.events import Alert, AlertKind, BreakerState, Severity, UsageEvent
+from detector.events import Alert, AlertKind, BreakerState, Severity, Usage
 from detector.web.view import BREAKER_ENTITY_TYPES, OTHER, LiveView, reason_class
 
 PREFIX: Final = "stormwatch_"
@@ -152,7 +152,7 @@ class Metrics:
 
     # -- fed by the shell ---------------------------------------------------------------------
 
-    def observe_event(self, ev: UsageEvent, cost_usd: float) -> None:
+    def observe_event(self, ev: Usage, cost_usd: float) -> None:
         self.events_processed.inc()
         key = (ev.team, ev.model)
         child = self._spend_children.get(key)

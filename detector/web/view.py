@@ -51,6 +51,7 @@ from detector.events import (
     EntityType,
     IncidentFeedback,
     Status,
+    Usage,
     UsageEvent,
 )
 
@@ -187,7 +188,7 @@ class LiveView:
 
     # -- feeding ------------------------------------------------------------------------------
 
-    def observe_event(self, ev: UsageEvent, cost_usd: float) -> None:
+    def observe_event(self, ev: Usage, cost_usd: float) -> None:
         """One valid event and what it cost (the shell computes it as the engine does)."""
         ts = ev.timestamp.timestamp()
         failed = ev.status is not Status.OK

@@ -92,10 +92,11 @@ from aiokafka import TopicPartition  # type: ignore[import-untyped]
 from pydantic import ValidationError
 
 from detector.engine import Engine
-from detector.events import Alert, UsageEvent, utc_from_epoch
+from detector.events import Alert, Usage, utc_from_epoch
 from detector.replay import explain
 from detector.settings import Settings
 from detector.web import Feed, LiveView, Metrics
+from detector.wire import decode_usage
 from detector.worker.clock import IdleClock
 from detector.worker.config import KafkaSettings
 from detector.worker.consumer import NoFaustConsumer, UsageConsumer
@@ -159,14 +160,14 @@ class UsageHandler:
         self.engine = engine
         self.clock = clock
         self.stats = stats if stats is not None else WorkerStats()
-        self.last: UsageEvent | None = None  # the last valid event handled
+        self.last: Usage | None = None  # the last valid event handled
 
     def handle(self, raw: bytes | None, wall: float) -> list[Alert] | Rejected:
         if raw is None:
             self.stats.rejected += 1
             return Rejected("empty message (null value)")
         try:
-            ev = UsageEvent.model_validate_json(raw)
+            ev = decode_usage(raw)
         except ValidationError as error:
             self.stats.rejected += 1
             return Rejected(explain(error))
