@@ -34,7 +34,7 @@ from msgspec import Meta
 
 from detector.events import MAX_COST_USD, MAX_RETRY_ATTEMPT, MAX_TOKENS, Status, Usage, UsageEvent
 
-__all__ = ["UsageRecord", "decode_usage"]
+__all__ = ["UsageRecord", "decode_usage", "encode_usage"]
 
 Id = Annotated[str, Meta(min_length=1, max_length=256)]
 Text = Annotated[str, Meta(max_length=256)]
@@ -88,3 +88,11 @@ def decode_usage(raw: bytes) -> Usage:
         return _decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError):  # DecodeError covers ValidationError too
         return _validate(raw)  # the contract decides, and says why
+
+
+def encode_usage(ev: Usage) -> bytes:
+    """An event back to JSON (for a dead letter of an event whose original bytes are gone)."""
+    if isinstance(ev, UsageRecord):
+        return msgspec.json.encode(ev)
+    assert isinstance(ev, UsageEvent)
+    return ev.model_dump_json(exclude_none=True).encode()

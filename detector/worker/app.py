@@ -24,10 +24,11 @@ by-team topic (``<usage topic>.by-team``), keyed by team, in packs (:mod:`detect
 where the by-team partitions' engines make the team-level judgements (``budget_burn``, team cost
 spikes) over the whole team. Both topics are read by the same consumer group, and each by-team
 partition has its engine, snapshot and restore like a usage partition; the usage offsets inside
-the packs let it drop what a restored usage partition forwards again. *Known limit*: the by-team
-stage merges usage partitions as they come, so while a backlog is drained (partitions advancing
-at different speeds in event time) it sees many events late, and team judgements are rough
-until the worker catches up; live traffic arrives in step.
+the packs let it drop what a restored usage partition forwards again. Usage partitions do not
+move in step (while a backlog drains, one may be hours of event time ahead of another), so each
+by-team partition holds events in an :class:`~detector.worker.align.Aligner` until every live
+usage partition's watermark (on marks sent after each batch) has passed them, and judges them in
+event-time order; the held events are snapshotted with the engine.
 
 **Durable state.** Every ``kafka.snapshot_every_seconds`` (wall clock), when partitions are
 revoked and on graceful shutdown, each partition whose engine changed is written to the
@@ -80,6 +81,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import pickle
 import ssl
 import time
 from collections import Counter
@@ -96,7 +98,8 @@ from detector.events import Alert, Usage, utc_from_epoch
 from detector.replay import explain
 from detector.settings import Settings
 from detector.web import Feed, LiveView, Metrics
-from detector.wire import decode_usage
+from detector.wire import decode_usage, encode_usage
+from detector.worker.align import MARK_EVERY_SECONDS, Aligner
 from detector.worker.clock import IdleClock
 from detector.worker.config import KafkaSettings
 from detector.worker.consumer import NoFaustConsumer, UsageConsumer
@@ -128,7 +131,12 @@ __all__ = [
 ]
 
 REASON_HEADER = "stormwatch-reason"
-Forward = Callable[[bytes, bytes, list[tuple[str, bytes]]], Awaitable[Awaitable[Any]]]
+WATERMARK_HEADER = "stormwatch-watermark"  # on packs and marks: the usage partition's event time
+SOURCES_HEADER = "stormwatch-sources"  # on packs and marks: how many usage partitions there are
+RECORD_HEADER = "stormwatch-record"
+MARK = b"watermark"  # RECORD_HEADER of a mark: a watermark with no events
+# (key, value, headers, partition): sends one record to the by-team topic; returns its delivery.
+Forward = Callable[[bytes | None, bytes, list[tuple[str, bytes]], int | None], Awaitable[Awaitable[Any]]]
 IDLE_TICK_SECONDS = 1.0
 PACK_BYTES = 512 * 1024  # a by-team record stays well under the 1 MB default of producers and topics
 STATE_SEGMENT_MS = 10 * 60 * 1000  # roll state segments often, so compaction can drop old snapshots
@@ -163,14 +171,21 @@ class UsageHandler:
         self.last: Usage | None = None  # the last valid event handled
 
     def handle(self, raw: bytes | None, wall: float) -> list[Alert] | Rejected:
+        ev = self.decode(raw)
+        return ev if isinstance(ev, Rejected) else self.apply(ev, wall)
+
+    def decode(self, raw: bytes | None) -> Usage | Rejected:
         if raw is None:
             self.stats.rejected += 1
             return Rejected("empty message (null value)")
         try:
-            ev = decode_usage(raw)
+            return decode_usage(raw)
         except ValidationError as error:
             self.stats.rejected += 1
             return Rejected(explain(error))
+
+    def apply(self, ev: Usage, wall: float) -> list[Alert] | Rejected:
+        """One valid event through the engine."""
         self.clock.saw_event(wall)
         self.last = ev
         try:
@@ -226,6 +241,8 @@ class Partition:
     resumed: bool = False  # the first message since assignment was seen
     reseeks: int = 0  # times the consumer was sent back to offset + 1 since assignment
     sources: dict[str, int] = field(default_factory=dict)  # by-team: "<usage partition>:<team>" -> last offset
+    aligner: Aligner[Usage] | None = None  # by-team: events waiting for the slower usage partitions
+    marked_at: float = -math.inf  # usage, repartitioning: wall clock of the last marks sent
 
     def fresh_alerts(self, alerts: Sequence[Alert]) -> list[Alert]:
         """``alerts`` without those already published by the previous owner of the partition."""
@@ -299,16 +316,27 @@ class Runtime:
         self.lock = asyncio.Lock()
         self._state_partitions: list[int] = []  # of the state topic, known once the reader started
         self.seek: Callable[[TopicPartition, int], None] | None = None  # the consumer's, set on assignment
+        self.fanout: list[int] = []  # usage runtime: the by-team partitions, to send marks to (set on start)
+        self.sources_total = 0  # usage runtime: how many usage partitions there are (set on start)
 
-    def new_partition(self, number: int, engine: Engine | None = None) -> Partition:
-        clock = IdleClock(self.k.idle_advance_after_seconds)
-        return Partition(number, UsageHandler(engine or self.make_engine(), clock, self.stats))
+    def new_partition(
+        self, number: int, engine: Engine | None = None, aligner: Aligner[Usage] | None = None
+    ) -> Partition:
+        idle = self.k.idle_advance_after_seconds
+        part = Partition(number, UsageHandler(engine or self.make_engine(), IdleClock(idle), self.stats))
+        if self.forwarded:
+            part.aligner = aligner or Aligner(0, self.k.align_wait_seconds, max_held=self.k.align_max_held_events)
+        return part
 
     def summary(self) -> str:
         parts = self.parts
         where = ",".join(f"{n}@{parts[n].offset}" for n in sorted(parts))  # the last offset each engine holds
-        line = summary_line(self.stats, (p.handler.engine for p in parts.values()))
-        return f"{line} partitions={where or '-'}" + (f" duplicates={self.stats.duplicates}" if self.forwarded else "")
+        line = f"{summary_line(self.stats, (p.handler.engine for p in parts.values()))} partitions={where or '-'}"
+        if not self.forwarded:
+            return line
+        held = sum(len(p.aligner) for p in parts.values() if p.aligner is not None)
+        forced = sum(p.aligner.forced for p in parts.values() if p.aligner is not None)
+        return f"{line} duplicates={self.stats.duplicates} held={held} forced={forced}"
 
     async def reader_ready(self) -> StateReader:
         if not self._state_partitions:
@@ -327,7 +355,8 @@ class Runtime:
         pending, size = [], 0
         for part in batch:
             engine = part.handler.engine.snapshot()
-            blob = Snapshot(self.topic, part.number, part.offset, alerts_end, engine, part.sources).encode()
+            held = pickle.dumps(part.aligner, protocol=pickle.HIGHEST_PROTOCOL) if part.aligner is not None else b""
+            blob = Snapshot(self.topic, part.number, part.offset, alerts_end, engine, part.sources, held).encode()
             size += len(blob)
             key = state_key(self.topic, part.number).encode()
             target = self.state_tp(part.number).partition
@@ -369,12 +398,17 @@ class Runtime:
                 self.parts[n] = self.new_partition(n)
                 log.info("stormwatch: %spartition %d has no snapshot: a new engine", self.label, n)
                 continue
+            aligner: Aligner[Usage] | None = None
             try:
                 engine = Engine.restore(snap.engine)
+                if snap.held:
+                    aligner = pickle.loads(snap.held)
+                    assert aligner is not None
+                    aligner.restarted(time.monotonic())
             except Exception:  # an unreadable snapshot must not stop the worker: start afresh after it
                 log.exception("stormwatch: snapshot of partition %d at offset %d unreadable", n, snap.offset)
-                engine = self.make_engine()
-            part = self.parts[n] = self.new_partition(n, engine)
+                engine, aligner = self.make_engine(), None
+            part = self.parts[n] = self.new_partition(n, engine, aligner)
             part.offset = part.saved_offset = snap.offset
             part.sources = dict(snap.sources)
             part.published = await reader.published_since(k.alerts_topic, snap.alerts_end, (self.topic, n))
@@ -463,6 +497,7 @@ class Runtime:
                 if self.forwarded:
                     for r in fresh:
                         handled += await self._unpack(part, r, wall, pending)
+                    await self._release(part, wall, pending, fresh[-1].offset)
                 else:
                     handled += await self._handle(part, fresh, wall, pending)
                 moved.append((part, fresh[-1].offset))
@@ -478,6 +513,7 @@ class Runtime:
     async def _handle(self, part: Partition, records: Sequence[Any], wall: float, pending: list[Awaitable[Any]]) -> int:
         """Usage records through the partition's engine; valid events forwarded by team, in packs."""
         handler = part.handler
+        before = handler.engine.stats.watermark  # what this partition had passed when the batch began
         packs: dict[str, list[tuple[int, bytes]]] = {}
         feed = self.feed
         for r in records:
@@ -494,24 +530,44 @@ class Runtime:
                 assert handler.last is not None
                 packs.setdefault(handler.last.team, []).append((r.offset, r.value))
         if self.forward is not None:
-            headers = source_headers(self.topic, part.number, records[-1].offset)
+            where = source_headers(self.topic, part.number, records[-1].offset)
+            total = (SOURCES_HEADER, str(self.sources_total).encode())
+            # A pack may only claim what held before the batch: the batch's other packs, for other teams,
+            # may reach the same by-team partition later (in a later fetch there).
+            headers = [*where, (WATERMARK_HEADER, repr(before).encode()), total]
             for team, events in packs.items():
                 for blob in packs_of(events, PACK_BYTES):
-                    pending.append(await self.forward(team.encode(), blob, headers))
+                    pending.append(await self.forward(team.encode(), blob, headers, None))
+            after = handler.engine.stats.watermark
+            if wall - part.marked_at >= MARK_EVERY_SECONDS and after > -math.inf:
+                # Sent after all the batch's packs, by the same producer, so it reaches every by-team
+                # partition after them: there, this partition has now passed ``after``.
+                part.marked_at = wall
+                mark = [*where, (WATERMARK_HEADER, repr(after).encode()), total, (RECORD_HEADER, MARK)]
+                for p in self.fanout:
+                    pending.append(await self.forward(None, b"", mark, p))
         return len(records)
 
     async def _unpack(self, part: Partition, r: Any, wall: float, pending: list[Awaitable[Any]]) -> int:
-        """One by-team pack through the partition's engine; returns the events new to it.
+        """One by-team pack (or mark) into the partition's aligner; returns the events new to it.
 
         The packs of one team from one usage partition arrive in order (one idempotent producer at
         a time), and each event carries its usage offset, so what a restored usage partition
         forwards again (offsets up to the last one seen from it for that team) is dropped.
         """
-        source = dict(r.headers).get(SOURCE_PARTITION_HEADER)
-        if source is None or r.key is None:
+        headers = dict(r.headers)
+        source = headers.get(SOURCE_PARTITION_HEADER)
+        mark = headers.get(RECORD_HEADER) == MARK
+        if source is None or (r.key is None and not mark):
             pending.append(await self.dead_letter(r.key, r.value, r.topic, r.partition, r.offset, "not a pack"))
             return 0
         usage_partition = int(source)
+        aligner = part.aligner
+        assert aligner is not None
+        watermark, total = float(headers.get(WATERMARK_HEADER, b"-inf")), int(headers.get(SOURCES_HEADER, b"0"))
+        if mark:
+            aligner.heard(usage_partition, watermark, wall, total)
+            return 0
         stream = f"{usage_partition}:{r.key.decode()}"  # packs of one team from one usage partition
         seen = part.sources.get(stream, -1)
         handler, new = part.handler, 0
@@ -521,21 +577,44 @@ class Runtime:
                     self.stats.duplicates += 1
                     continue
                 seen, new = offset, new + 1
-                result = handler.handle(raw, wall)
-                if isinstance(result, Rejected):
+                ev = handler.decode(raw)
+                if isinstance(ev, Rejected):
                     where = (self.k.usage_topic, usage_partition, offset)
-                    pending.append(await self.dead_letter(r.key, raw, *where, result.reason))
-                elif result:
-                    pending.extend(await self.publish(part, result, r.offset))
+                    pending.append(await self.dead_letter(r.key, raw, *where, ev.reason))
+                    continue
+                aligner.add(ev.timestamp.timestamp(), ev)
         except ValueError as error:
             pending.append(await self.dead_letter(r.key, r.value, r.topic, r.partition, r.offset, str(error)))
         part.sources[stream] = seen
+        aligner.heard(usage_partition, watermark, wall, total)
         return new
+
+    async def _release(self, part: Partition, wall: float, pending: list[Awaitable[Any]], offset: int) -> int:
+        """By-team: the events every live usage partition has passed, through the engine in event-time order."""
+        assert part.aligner is not None
+        due = part.aligner.release(wall)
+        handler = part.handler
+        for ev in due:
+            result = handler.apply(ev, wall)
+            if isinstance(result, Rejected):  # the engine failed on it: keep it in the DLQ
+                raw = encode_usage(ev)
+                pending.append(await self.dead_letter(None, raw, self.topic, part.number, offset, result.reason))
+            elif result:
+                pending.extend(await self.publish(part, result, offset))
+        return len(due)
 
     async def idle_tick(self) -> None:
         async with self.lock:
             wall = time.monotonic()
             for part in list(self.parts.values()):
+                if part.aligner is not None and len(part.aligner):
+                    # Events still wait for a slower usage partition: let go those whose wait is over.
+                    pending: list[Awaitable[Any]] = []
+                    if await self._release(part, wall, pending, part.offset):
+                        part.dirty = True
+                    await asyncio.gather(*pending)
+                    if len(part.aligner):
+                        continue  # event time is not idle while events wait
                 alerts = part.handler.idle_tick(wall)
                 if alerts is None:
                     continue

@@ -94,6 +94,17 @@ class KafkaSettings(BaseModel):
         description="After this much wall-clock time without events, event time advances with the wall clock "
         "so that due alerts (and resolutions) still come out when traffic stops.",
     )
+    align_wait_seconds: float = Field(
+        default=3.0,
+        gt=0,
+        description="By-team stage: how long (wall clock) a silent usage partition may hold back the events of "
+        "the others, which wait to be judged in event-time order (see detector.worker.align).",
+    )
+    align_max_held_events: int = Field(
+        default=20_000,
+        ge=0,
+        description="By-team stage: at most this many events wait per partition; past it the oldest go on, late.",
+    )
     session_timeout_seconds: float = Field(
         default=60.0,
         ge=6.0,

@@ -110,6 +110,8 @@ class UsageConsumer(mode.Service):
             )
             await self._producer.start()
             self.runtime.forward = self.forward
+            self.runtime.fanout = sorted(await self._producer.partitions_for(k.by_team_topic))
+            self.runtime.sources_total = len(await self._producer.partitions_for(k.usage_topic))
         await self._consumer.start()
         log.info(
             "stormwatch: %s -> %s (dead letters: %s, state: %s), group %s, brokers %s",
@@ -121,12 +123,13 @@ class UsageConsumer(mode.Service):
             k.bootstrap_servers,
         )
 
-    async def forward(self, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> Awaitable[Any]:
+    async def forward(
+        self, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]], partition: int | None
+    ) -> Awaitable[Any]:
         assert self._producer is not None
-        return cast(
-            Awaitable[Any],
-            await self._producer.send(self.runtime.k.by_team_topic, value=value, key=key, headers=headers),
-        )
+        topic = self.runtime.k.by_team_topic
+        sent = await self._producer.send(topic, value=value, key=key, headers=headers, partition=partition)
+        return cast(Awaitable[Any], sent)
 
     @mode.Service.task
     async def _consume(self) -> None:

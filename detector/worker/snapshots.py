@@ -2,7 +2,8 @@
 
 A snapshot record holds the engine of one partition (of the usage topic, or of the by-team
 topic the usage events are forwarded to): a one-line JSON header, a newline, then
-the zlib-compressed :meth:`Engine.snapshot <detector.engine.Engine.snapshot>` pickle. The
+the zlib-compressed :meth:`Engine.snapshot <detector.engine.Engine.snapshot>` pickle (followed,
+for a by-team partition, by its pickled aligner: ``held_bytes`` of it). The
 header says which partition it is, the offset of the last usage event the engine includes,
 and the end offsets of the alerts topic when it was written (every alert the engine had raised
 by then was delivered before them), so that a new owner can find the alerts published after it.
@@ -50,8 +51,9 @@ class Snapshot:
     offset: int  # the last usage offset the engine includes; -1: none yet
     alerts_end: Mapping[int, int]  # alerts-topic partition -> end offset when written
     engine: bytes  # Engine.snapshot(), uncompressed
-    # A by-team partition: "<usage partition>:<team>" -> the last usage offset forwarded into this engine.
+    # A by-team partition: "<usage partition>:<team>" -> the last usage offset forwarded into this engine,
     sources: Mapping[str, int] = field(default_factory=dict)
+    held: bytes = b""  # and its aligner (detector.worker.align), pickled: the events still waiting
 
     def encode(self, level: int = 1) -> bytes:
         header = {
@@ -64,7 +66,10 @@ class Snapshot:
         }
         if self.sources:
             header["sources"] = dict(sorted(self.sources.items()))
-        return json.dumps(header, separators=(",", ":")).encode() + b"\n" + zlib.compress(self.engine, level)
+        if self.held:
+            header["held_bytes"] = len(self.held)
+        body = zlib.compress(self.engine + self.held, level)
+        return json.dumps(header, separators=(",", ":")).encode() + b"\n" + body
 
     @classmethod
     def decode(cls, blob: bytes) -> Snapshot:
@@ -75,13 +80,16 @@ class Snapshot:
             header = None
         if not isinstance(header, dict) or header.get("v") != ENVELOPE_VERSION:
             raise ValueError("not a stormwatch snapshot record")
+        whole = zlib.decompress(body)
+        split = int(header["engine_bytes"])
         return cls(
             topic=header["topic"],
             partition=int(header["partition"]),
             offset=int(header["offset"]),
             alerts_end={int(p): int(o) for p, o in header["alerts_end"].items()},
-            engine=zlib.decompress(body),
+            engine=whole[:split],
             sources={str(k): int(o) for k, o in header.get("sources", {}).items()},
+            held=whole[split:],
         )
 
 

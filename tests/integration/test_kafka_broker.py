@@ -18,7 +18,6 @@ from detector.worker.aiokafka_check import c_extension_in_use
 pytestmark = pytest.mark.integration
 
 
-
 def test_aiokafka_c_extension_available() -> None:
     assert c_extension_in_use(), "aiokafka runs without its C record extension"
 

@@ -43,9 +43,7 @@ def test_replay_serve_shows_the_incidents_and_the_policys_breakers(tmp_path: Pat
     config = tmp_path / "stormwatch.toml"
     config.write_text(CONFIG)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STORMWATCH_")} | {
-        "STORMWATCH_WEB__PORT": str(port)
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STORMWATCH_")} | {"STORMWATCH_WEB__PORT": str(port)}
     args = [sys.executable, "-m", "detector.cli", "replay", str(events), "--config", str(config), "--serve"]
     proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

@@ -202,9 +202,7 @@ def test_only_breaker_entity_types_and_positive_ttls() -> None:
 def test_apply_adopts_newer_changes_from_elsewhere_and_keeps_counting_above_them() -> None:
     b = board()
     b.trip(S1, T0, owner="search", reason="loop")
-    manual = make_change(
-        S1, owner="search", state=CLOSED, previous=None, at=T0 + 100, reason="by hand", actor="ana"
-    )
+    manual = make_change(S1, owner="search", state=CLOSED, previous=None, at=T0 + 100, reason="by hand", actor="ana")
     stale = make_change(S1, owner="search", state=OPEN, previous=None, at=T0 - 100, reason="old", actor="ana")
     assert b.apply(stale) is False
     assert b.apply(manual) is True and b.apply(manual) is False

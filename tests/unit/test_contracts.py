@@ -13,9 +13,16 @@ from detector.events import CONTRACTS, UsageEvent
 ROOT = Path(__file__).resolve().parents[2]
 
 GOOD = {
-    "event_id": "e1", "timestamp": "2026-11-02T09:30:00+01:00", "team": "search", "api_key_id": "k1",
-    "provider": "openai", "model": "gpt-4o", "operation": "chat", "input_tokens": 1200,
-    "output_tokens": 300, "status": "ok",
+    "event_id": "e1",
+    "timestamp": "2026-11-02T09:30:00+01:00",
+    "team": "search",
+    "api_key_id": "k1",
+    "provider": "openai",
+    "model": "gpt-4o",
+    "operation": "chat",
+    "input_tokens": 1200,
+    "output_tokens": 300,
+    "status": "ok",
 }
 
 
@@ -61,7 +68,17 @@ def test_bad_events_are_refused_naming_the_field(change: dict[str, object], fiel
 
 
 def test_required_fields_are_required() -> None:
-    for name in ("event_id", "timestamp", "team", "api_key_id", "provider", "model", "operation",
-                 "input_tokens", "output_tokens", "status"):
+    for name in (
+        "event_id",
+        "timestamp",
+        "team",
+        "api_key_id",
+        "provider",
+        "model",
+        "operation",
+        "input_tokens",
+        "output_tokens",
+        "status",
+    ):
         with pytest.raises(ValidationError):
             UsageEvent.model_validate({k: v for k, v in GOOD.items() if k != name})

@@ -36,12 +36,20 @@ def fleet(hours: float, seed: int = 3, keys: int = 8) -> list[UsageEvent]:
             session, left = session + 1, rng.randint(9, 45)
         left -= 1
         failed = rng.random() < 0.01
-        events.append(make_event(
-            t, api_key_id=f"key-{k}", team="search" if k % 2 else "ads", agent_id=f"agent-{k % 3}",
-            session_id=f"s-{session}-{k % 3}", request_fingerprint=f"{rng.getrandbits(48):x}",
-            input_tokens=int(rng.lognormvariate(7, 0.6)), output_tokens=int(rng.lognormvariate(5, 0.7)),
-            status="error" if failed else "ok", retry_attempt=0,
-        ))
+        events.append(
+            make_event(
+                t,
+                api_key_id=f"key-{k}",
+                team="search" if k % 2 else "ads",
+                agent_id=f"agent-{k % 3}",
+                session_id=f"s-{session}-{k % 3}",
+                request_fingerprint=f"{rng.getrandbits(48):x}",
+                input_tokens=int(rng.lognormvariate(7, 0.6)),
+                output_tokens=int(rng.lognormvariate(5, 0.7)),
+                status="error" if failed else "ok",
+                retry_attempt=0,
+            )
+        )
     return events
 
 
@@ -57,8 +65,18 @@ def test_quiet_on_healthy_traffic(name: str, healthy: list[UsageEvent]) -> None:
 
 @pytest.mark.parametrize("name", FACTORIES)
 def test_deterministic_and_picklable_mid_stream(name: str, healthy: list[UsageEvent]) -> None:
-    storm = [make_event(T0 + 3 * 3600 + 0.05 * i, status="error", retry_attempt=i % 25 + 1, output_tokens=0,
-                        cost_usd=0.0, api_key_id="key-1", team="search") for i in range(2000)]
+    storm = [
+        make_event(
+            T0 + 3 * 3600 + 0.05 * i,
+            status="error",
+            retry_attempt=i % 25 + 1,
+            output_tokens=0,
+            cost_usd=0.0,
+            api_key_id="key-1",
+            team="search",
+        )
+        for i in range(2000)
+    ]
     events = sorted(healthy + storm, key=lambda e: e.timestamp)
     det = FACTORIES[name]()
     half = len(events) // 2
@@ -77,7 +95,8 @@ def test_judging_with_nothing_seen_is_empty(name: str) -> None:
 def test_memory_is_bounded_by_eviction(name: str) -> None:
     det = FACTORIES[name]()
     for i in range(5000):  # every event a new key, agent and session
-        det.observe(make_event(T0 + i, api_key_id=f"k{i}", agent_id=f"a{i}", session_id=f"s{i}",
-                               status="error"), T0 + i, 0.01)
+        det.observe(
+            make_event(T0 + i, api_key_id=f"k{i}", agent_id=f"a{i}", session_id=f"s{i}", status="error"), T0 + i, 0.01
+        )
     det.evict(T0 + 5000 + 31 * 86400)  # past every TTL, agent norms (30 days) included
     assert det.entity_count() <= 5  # teams, or agent norms, may stay; per-key and per-session state go

@@ -126,8 +126,7 @@ def test_nightly_batch_that_recurs_is_learned_not_flagged() -> None:
 def _storm(start: float, seconds: float, per_second: float) -> list[UsageEvent]:
     out, t, attempt = [], start, 1
     while t < start + seconds:
-        out.append(make_event(t, status="error", http_status=500, output_tokens=0, cost_usd=0.0,
-                              retry_attempt=attempt))
+        out.append(make_event(t, status="error", http_status=500, output_tokens=0, cost_usd=0.0, retry_attempt=attempt))
         attempt = attempt + 1 if attempt < 30 else 1
         t += 1 / per_second
     return out
@@ -151,8 +150,9 @@ def test_partial_storm_with_billed_successes_is_caught() -> None:
     t, attempt = start, 0
     while t < start + 600:
         failed = rng.random() < 0.65
-        partial.append(make_event(t, status="error" if failed else "ok", retry_attempt=attempt,
-                                  output_tokens=0 if failed else 200))
+        partial.append(
+            make_event(t, status="error" if failed else "ok", retry_attempt=attempt, output_tokens=0 if failed else 200)
+        )
         attempt = attempt + 1 if failed else 0
         t += 0.4
     findings = drive(RetryStorm(), merged(normal, partial))
@@ -181,8 +181,9 @@ def test_provider_429_blip_with_backoff_is_quiet() -> None:
 # -- agent_loop --------------------------------------------------------------------------------
 
 
-def _session(sid: str, start: float, fingerprints: list[str], outputs: list[int], gaps: list[float],
-             agent: str = "triage") -> list[UsageEvent]:
+def _session(
+    sid: str, start: float, fingerprints: list[str], outputs: list[int], gaps: list[float], agent: str = "triage"
+) -> list[UsageEvent]:
     out, t = [], start
     for fp, tokens, gap in zip(fingerprints, outputs, gaps, strict=True):
         t += gap
@@ -196,8 +197,11 @@ def _normal_sessions(n: int, start: float, seed: int = 7) -> list[UsageEvent]:
     for i in range(n):
         steps = rng.randint(5, 15)
         out += _session(
-            f"normal-{i}", start + i * 120, [f"fp-{i}-{k}" for k in range(steps)],
-            [rng.randint(50, 800) for _ in range(steps)], [rng.uniform(2, 12) for _ in range(steps)],
+            f"normal-{i}",
+            start + i * 120,
+            [f"fp-{i}-{k}" for k in range(steps)],
+            [rng.randint(50, 800) for _ in range(steps)],
+            [rng.uniform(2, 12) for _ in range(steps)],
         )
     return out
 
@@ -215,8 +219,13 @@ def test_fingerprint_cycle_is_caught_within_a_minute() -> None:
 
 def test_no_progress_run_is_caught() -> None:
     steps = 60
-    loop = _session("stuck", T0, [f"fresh-{k}" for k in range(steps)],
-                    [400 + (k % 3) for k in range(steps)], [5.0 + (k % 2) * 0.3 for k in range(steps)])
+    loop = _session(
+        "stuck",
+        T0,
+        [f"fresh-{k}" for k in range(steps)],
+        [400 + (k % 3) for k in range(steps)],
+        [5.0 + (k % 2) * 0.3 for k in range(steps)],
+    )
     findings = drive(AgentLoop(), loop)
     assert findings and findings[0].evidence.metric == "steady_steps"
 
@@ -226,8 +235,13 @@ def test_runaway_session_is_caught_once_the_agent_is_known() -> None:
     history = _normal_sessions(60, T0)
     start = T0 + 60 * 120 + 1200
     steps = 150
-    runaway = _session("runaway", start, [f"r-{k}" for k in range(steps)],
-                       [rng.randint(50, 900) for _ in range(steps)], [rng.uniform(2, 12) for _ in range(steps)])
+    runaway = _session(
+        "runaway",
+        start,
+        [f"r-{k}" for k in range(steps)],
+        [rng.randint(50, 900) for _ in range(steps)],
+        [rng.uniform(2, 12) for _ in range(steps)],
+    )
     findings = drive(AgentLoop(), merged(history, runaway))
     assert [f.entity.id for f in findings][:1] == ["runaway"]
     assert findings[0].evidence.metric == "session_steps"
@@ -238,8 +252,13 @@ def test_long_but_varied_session_is_quiet() -> None:
     history = _normal_sessions(60, T0)
     start = T0 + 60 * 120 + 1200
     steps = 35  # about 3x typical, below the runaway bar
-    long = _session("long", start, [f"l-{k}" for k in range(steps)],
-                    [rng.randint(50, 900) for _ in range(steps)], [rng.uniform(2, 20) for _ in range(steps)])
+    long = _session(
+        "long",
+        start,
+        [f"l-{k}" for k in range(steps)],
+        [rng.randint(50, 900) for _ in range(steps)],
+        [rng.uniform(2, 20) for _ in range(steps)],
+    )
     assert drive(AgentLoop(), merged(history, long)) == []
 
 

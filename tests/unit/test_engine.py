@@ -17,8 +17,14 @@ def stream() -> list[UsageEvent]:
     events = [make_event(T0 + 2.0 * i) for i in range(1800)]
     storm_start = T0 + 3600
     events += [
-        make_event(storm_start + 0.1 * i, status="rate_limited", http_status=429, retry_attempt=i % 40 + 1,
-                   output_tokens=0, cost_usd=0.0)
+        make_event(
+            storm_start + 0.1 * i,
+            status="rate_limited",
+            http_status=429,
+            retry_attempt=i % 40 + 1,
+            output_tokens=0,
+            cost_usd=0.0,
+        )
         for i in range(3000)
     ]
     events += [make_event(T0 + 3900 + 2.0 * i) for i in range(1800)]
@@ -82,7 +88,7 @@ def test_idle_sessions_are_let_go() -> None:
 
 def test_settings_file_and_environment(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "stormwatch.toml"
-    path.write_text('[teams.search]\nmonthly_budget_usd = 3000\n\n[detectors.retry_storm]\nrate_ratio = 4.0\n')
+    path.write_text("[teams.search]\nmonthly_budget_usd = 3000\n\n[detectors.retry_storm]\nrate_ratio = 4.0\n")
     monkeypatch.setitem(os.environ, "STORMWATCH_DETECTORS__RETRY_STORM__RATE_RATIO", "6")
     settings = load_settings(path)
     assert settings.budgets() == {"search": 3000.0}

@@ -12,15 +12,27 @@ T = datetime(2026, 11, 3, 9, tzinfo=UTC)
 
 
 def label(kind: str, scenario: str, team: str = "t", start: datetime = T, minutes: int = 10) -> IncidentLabel:
-    return IncidentLabel(label_id=f"{scenario}-{start:%H%M}", kind=kind, scenario=scenario,  # type: ignore[arg-type]
-                         entity=Entity(type="api_key", id="k"), team=team, start=start,
-                         end=start + timedelta(minutes=minutes))
+    return IncidentLabel(
+        label_id=f"{scenario}-{start:%H%M}",
+        kind=kind,
+        scenario=scenario,  # type: ignore[arg-type]
+        entity=Entity(type="api_key", id="k"),
+        team=team,
+        start=start,
+        end=start + timedelta(minutes=minutes),
+    )
 
 
 def alert(iid: str, kind: str, at: datetime, status: str = "firing", owner: str = "t") -> dict[str, Any]:
-    return {"incident_id": iid, "kind": kind, "status": status, "owner": owner,
-            "detected_at": at.isoformat(), "entity": {"type": "api_key", "id": "k"},
-            "explanation": {"summary": "x"}}
+    return {
+        "incident_id": iid,
+        "kind": kind,
+        "status": status,
+        "owner": owner,
+        "detected_at": at.isoformat(),
+        "entity": {"type": "api_key", "id": "k"},
+        "explanation": {"summary": "x"},
+    }
 
 
 def test_found_late_missed_and_false() -> None:
@@ -42,8 +54,10 @@ def test_found_late_missed_and_false() -> None:
     assert card.kinds["retry_storm"].latencies == [12.0]
     assert card.kinds["cost_spike"].latencies == [180.0]
     assert card.kinds["agent_loop"].recall == 0.0 and [m["scenario"] for m in card.missed] == ["fingerprint_cycle"]
-    assert [(f["incident_id"], f["benign_scenario"]) for f in card.false_incidents] == [("d", "nightly_batch"),
-                                                                                        ("e", None)]
+    assert [(f["incident_id"], f["benign_scenario"]) for f in card.false_incidents] == [
+        ("d", "nightly_batch"),
+        ("e", None),
+    ]
     assert card.false_per_day == 1.0
     assert card.kinds["retry_storm"].precision == 1.0 and card.kinds["cost_spike"].precision == 0.5
 
@@ -57,8 +71,16 @@ def test_a_detection_before_the_label_starts_counts_with_zero_latency_but_not_an
 
 
 def feedback(iid: str, kind: str, label_: str, n: int) -> dict[str, Any]:
-    return {"feedback_id": f"f{n}", "incident_id": iid, "kind": kind, "label": label_, "actor": "ana",
-            "entity": {"type": "api_key", "id": "k"}, "labelled_at": T.isoformat(), "silence_seconds": 0}
+    return {
+        "feedback_id": f"f{n}",
+        "incident_id": iid,
+        "kind": kind,
+        "label": label_,
+        "actor": "ana",
+        "entity": {"type": "api_key", "id": "k"},
+        "labelled_at": T.isoformat(),
+        "silence_seconds": 0,
+    }
 
 
 def test_owners_labels_on_the_alerts_topic_are_counted_newest_per_incident_and_not_taken_for_alerts() -> None:

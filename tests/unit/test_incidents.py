@@ -11,15 +11,31 @@ from detector.incidents import IncidentBook
 REF = DetectorRef(name="retry_storm", version="1.0")
 
 
-def finding(at: float, entity: str = "k1", score: float = 5.0, severity: Severity = Severity.WARNING,
-            kind: AlertKind = AlertKind.RETRY_STORM, group: str = "search") -> Finding:
+def finding(
+    at: float,
+    entity: str = "k1",
+    score: float = 5.0,
+    severity: Severity = Severity.WARNING,
+    kind: AlertKind = AlertKind.RETRY_STORM,
+    group: str = "search",
+) -> Finding:
     return Finding(
-        kind=kind, entity=Entity(type="api_key", id=entity), team="search", group=group, at=at,
-        started_at=at - 20, severity=severity, score=score,
-        evidence=Evidence(metric="attempts_per_minute", baseline=10, observed=10 * score, ratio=score,
-                          window_seconds=20),
-        summary=f"storm x{score}", cost_rate_usd_per_hour=score, excess_usd_per_hour=score,
-        recommended_action="open the breaker", detector=REF,
+        kind=kind,
+        entity=Entity(type="api_key", id=entity),
+        team="search",
+        group=group,
+        at=at,
+        started_at=at - 20,
+        severity=severity,
+        score=score,
+        evidence=Evidence(
+            metric="attempts_per_minute", baseline=10, observed=10 * score, ratio=score, window_seconds=20
+        ),
+        summary=f"storm x{score}",
+        cost_rate_usd_per_hour=score,
+        excess_usd_per_hour=score,
+        recommended_action="open the breaker",
+        detector=REF,
     )
 
 

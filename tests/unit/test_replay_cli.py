@@ -15,19 +15,28 @@ from detector.cli import main
 from tests.conftest import T0
 
 GOOD = {
-    "team": "search", "api_key_id": "k1", "provider": "openai", "model": "gpt-4o-mini",
-    "operation": "chat", "input_tokens": 900, "output_tokens": 120, "status": "ok",
+    "team": "search",
+    "api_key_id": "k1",
+    "provider": "openai",
+    "model": "gpt-4o-mini",
+    "operation": "chat",
+    "input_tokens": 900,
+    "output_tokens": 120,
+    "status": "ok",
 }
 
 
 def storm_lines() -> list[bytes]:
     """Half an hour of calm, then a retry storm, as JSON Lines with RFC 3339 timestamps."""
+
     def line(i: int, t: float, **extra: object) -> bytes:
         return orjson.dumps({**GOOD, "event_id": f"e{i}", "timestamp": datetime.fromtimestamp(t, UTC), **extra})
 
     lines = [line(i, T0 + 2 * i) for i in range(900)]
-    lines += [line(10_000 + i, T0 + 1800 + 0.1 * i, status="error", retry_attempt=i % 30 + 1, output_tokens=0)
-              for i in range(1200)]
+    lines += [
+        line(10_000 + i, T0 + 1800 + 0.1 * i, status="error", retry_attempt=i % 30 + 1, output_tokens=0)
+        for i in range(1200)
+    ]
     return lines
 
 
@@ -41,8 +50,7 @@ def write(path: Path, lines: list[bytes]) -> Path:
 def test_replay_writes_alerts_and_rejects_with_line_numbers(tmp_path: Path) -> None:
     lines = storm_lines()
     lines.insert(10, b'{"event_id": "broken", ')
-    lines.insert(20, orjson.dumps({**GOOD, "event_id": "neg", "timestamp": "2026-11-06T08:00:30Z",
-                                   "input_tokens": -5}))
+    lines.insert(20, orjson.dumps({**GOOD, "event_id": "neg", "timestamp": "2026-11-06T08:00:30Z", "input_tokens": -5}))
     events = write(tmp_path / "events.jsonl.gz", lines)
     alerts = tmp_path / "alerts.jsonl"
     assert main(["replay", str(events), "--alerts-out", str(alerts), "--quiet"]) == 0
@@ -63,7 +71,10 @@ def test_replay_reads_stdin_and_prints_a_summary(tmp_path: Path) -> None:
     data = b"\n".join(storm_lines()) + b"\n"
     proc = subprocess.run(
         [sys.executable, "-m", "detector.cli", "replay", "-", "--alerts-out", str(tmp_path / "a.jsonl")],
-        input=data, capture_output=True, check=True, cwd=tmp_path,
+        input=data,
+        capture_output=True,
+        check=True,
+        cwd=tmp_path,
     )
     out = proc.stdout.decode()
     assert "2,100" in out and "retry_storm firing" in out
