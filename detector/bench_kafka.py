@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -208,8 +208,11 @@ class Worker:
     lines: list[tuple[float, str]] = field(default_factory=list)
 
     @classmethod
-    def start(cls, bootstrap: str, topics: Topics, workdir: Path, partitions: int) -> Worker:
+    def start(
+        cls, bootstrap: str, topics: Topics, workdir: Path, partitions: int, settings: Mapping[str, str] | None = None
+    ) -> Worker:
         kafka: dict[str, object] = {
+            **(settings or {}),
             "bootstrap_servers": bootstrap,
             **topics.names,
             "group_id": topics.group,
@@ -289,10 +292,16 @@ class Worker:
 
 
 async def worker_throughput(
-    bootstrap: str, topics: Topics, total: int, partitions: int, workdir: Path, console: Console
+    bootstrap: str,
+    topics: Topics,
+    total: int,
+    partitions: int,
+    workdir: Path,
+    console: Console,
+    settings: Mapping[str, str] | None = None,
 ) -> dict[str, float]:
     """Start a worker on the pre-filled usage topic; events/s while it drains it (see the module doc)."""
-    worker = Worker.start(bootstrap, topics, workdir, partitions)
+    worker = Worker.start(bootstrap, topics, workdir, partitions, settings)
     try:
         t_assigned = await worker.wait_for("stormwatch: assigned", timeout=60)
         deadline = time.monotonic() + max(120.0, total / 2_000)
@@ -312,7 +321,8 @@ async def worker_throughput(
         last = worker.summaries()[-1][1]
     finally:
         code = worker.stop()
-    console.print(f"throughput worker: {worker.last_summary().split('stormwatch: ', 1)[-1]}", highlight=False)
+    label = " ".join(f"{k}={v}" for k, v in (settings or {}).items()) or "default settings"
+    console.print(f"throughput worker ({label}): {worker.last_summary().split('stormwatch: ', 1)[-1]}", highlight=False)
     busy = [(t, n) for t, n in counts if 0 < n < total]
     if len(busy) < 2:
         raise RuntimeError(f"too few summary lines while the worker was busy ({busy}); use more events")
@@ -508,6 +518,7 @@ async def _run(
     seconds: float,
     workdir: Path,
     console: Console,
+    variants: Sequence[Mapping[str, str]],
 ) -> dict[str, float]:
     n = len(records)
     topics = Topics.fresh("throughput")
@@ -519,6 +530,15 @@ async def _run(
             t_raw = min([await raw_consume(bootstrap, topics.usage, partitions, n) for _ in range(repeat)])
         with console.status("detector worker draining the topic ..."):
             figures = await worker_throughput(bootstrap, topics, n, partitions, workdir, console)
+        for i, settings in enumerate(variants, start=1):
+            other = Topics.fresh(f"throughput-{i}")
+            other.names["usage_topic"] = topics.usage  # the same events, a fresh group and fresh other topics
+            try:
+                with console.status(f"detector worker with {settings} draining the topic ..."):
+                    f = await worker_throughput(bootstrap, other, n, partitions, workdir, console, settings)
+            finally:
+                await delete_topics(bootstrap, [t for t in other.all() if t != topics.usage])
+            figures[f"variant_{i}_events_per_s"] = f["worker_events_per_s"]
     finally:
         await delete_topics(bootstrap, topics.all())
     with console.status(f"alert latency: {rate:,.0f} events/s for {seconds:g} s through a live worker ..."):
@@ -540,6 +560,7 @@ def kafka(
     rate: float,
     seconds: float,
     console: Console,
+    variants: Sequence[Mapping[str, str]] = (),
 ) -> dict[str, float]:
     """Run the three measurements and print them; returns the figures."""
     c_ext = c_extension_in_use()
@@ -551,7 +572,7 @@ def kafka(
     workdir = Path(tempfile.mkdtemp(prefix="stormwatch-bench-worker-"))
     try:
         with broker(bootstrap, console) as address:
-            f = asyncio.run(_run(address, records, repeat, partitions, rate, seconds, workdir, console))
+            f = asyncio.run(_run(address, records, repeat, partitions, rate, seconds, workdir, console, variants))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     f["aiokafka_c_extension"] = float(c_ext)
@@ -572,6 +593,11 @@ def kafka(
         f"{TARGET_EVENTS_PER_S:,.0f}/s, {TARGET_RAW_RATIO}",
         mark(f["worker_events_per_s"] >= TARGET_EVENTS_PER_S and f["worker_vs_raw"] >= TARGET_RAW_RATIO),
     )
+    for i, settings in enumerate(variants, start=1):
+        rate_i = f[f"variant_{i}_events_per_s"]
+        label = " ".join(f"{k}={v}" for k, v in settings.items())
+        ratio = rate_i / f["raw_consume_events_per_s"]
+        table.add_row(f"detector worker, {label}", f"{rate_i:,.0f}/s", f"{ratio:.3f}", "", "")
     live = f"{f['latency_rate_events_per_s']:,.0f}/s"
     table.add_row(f"alert latency p50 at {live}", f"{f['latency_p50_ms']:,.0f} ms", "", "", "")
     table.add_row(

@@ -110,6 +110,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--partitions", type=int, default=8, help="kafka: partitions of the benchmark topics")
     p.add_argument("--rate", type=float, default=10_000.0, help="kafka: events/s of the alert-latency stream")
     p.add_argument("--seconds", type=float, default=20.0, help="kafka: length of the alert-latency stream")
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="kafka: also time a worker with these [kafka] settings, on the same events (repeatable)",
+    )
     p.set_defaults(run=_bench)
 
     p = sub.add_parser("worker", help="consume usage events from Kafka, publish alerts (settings: [kafka])")
@@ -478,7 +485,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.what == "kafka":
         from detector import bench_kafka
 
-        bench_kafka.kafka(args.bootstrap, args.events, args.repeat, args.partitions, args.rate, args.seconds, console)
+        variants = [dict(kv.split("=", 1) for kv in also.split(",")) for also in args.also]
+        bench_kafka.kafka(
+            args.bootstrap, args.events, args.repeat, args.partitions, args.rate, args.seconds, console, variants
+        )
     elif args.what == "sessions":
         bench.sessions(args.sessions, console)
     else:

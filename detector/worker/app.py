@@ -138,7 +138,7 @@ MARK = b"watermark"  # RECORD_HEADER of a mark: a watermark with no events
 # (key, value, headers, partition): sends one record to the by-team topic; returns its delivery.
 Forward = Callable[[bytes | None, bytes, list[tuple[str, bytes]], int | None], Awaitable[Awaitable[Any]]]
 IDLE_TICK_SECONDS = 1.0
-PACK_BYTES = 512 * 1024  # a by-team record stays well under the 1 MB default of producers and topics
+PACK_BYTES = 256 * 1024  # a by-team record: several fit one producer batch (FORWARD_BATCH_BYTES)
 STATE_SEGMENT_MS = 10 * 60 * 1000  # roll state segments often, so compaction can drop old snapshots
 
 
@@ -155,6 +155,7 @@ class WorkerStats:
     idle_advances: int = 0
     suppressed: int = 0  # alerts not published again: a previous owner of the partition had
     duplicates: int = 0  # forwarded events dropped: already in the engine
+    pauses: int = 0  # usage partitions paused because they ran ahead of the by-team stage (detector.worker.align)
     alerts_by_kind: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
@@ -222,9 +223,10 @@ def summary_line(s: WorkerStats, engines: Iterable[Engine]) -> str:
     mark = utc_from_epoch(watermark).isoformat() if watermark > -math.inf else "-"
     kinds = "".join(f" {k}.{st}={n}" for (k, st), n in sorted(s.alerts_by_kind.items()))
     suppressed = f" suppressed={s.suppressed}" if s.suppressed else ""
+    pauses = f" pauses={s.pauses}" if s.pauses else ""
     return (
         f"events={s.events} rejected={s.rejected} alerts={s.alerts}{kinds} "
-        f"idle_advances={s.idle_advances}{suppressed} late={late} watermark={mark}"
+        f"idle_advances={s.idle_advances}{suppressed}{pauses} late={late} watermark={mark}"
     )
 
 
@@ -235,6 +237,7 @@ class Partition:
     number: int
     handler: UsageHandler
     offset: int = -1  # the last usage offset the engine includes (-1: none)
+    acked: int = -1  # the last offset whose alerts and forwards were delivered (what the group may commit)
     saved_offset: int | None = None  # offset of the last snapshot written or restored (None: none yet)
     dirty: bool = False  # changed since the last snapshot
     published: set[str] = field(default_factory=set)  # alert ids a previous owner already published
@@ -318,6 +321,9 @@ class Runtime:
         self.seek: Callable[[TopicPartition, int], None] | None = None  # the consumer's, set on assignment
         self.fanout: list[int] = []  # usage runtime: the by-team partitions, to send marks to (set on start)
         self.sources_total = 0  # usage runtime: how many usage partitions there are (set on start)
+        self.paused: set[int] = set()  # usage runtime: partitions paused, ahead of the by-team stage
+        self._unsettled: Awaitable[Any] | None = None  # the last batch's deliveries (see settle)
+        self._unsettled_moved: list[tuple[Partition, int]] = []
 
     def new_partition(
         self, number: int, engine: Engine | None = None, aligner: Aligner[Usage] | None = None
@@ -348,8 +354,23 @@ class Runtime:
     def state_tp(self, number: int) -> TopicPartition:
         return TopicPartition(self.k.state_topic, self._state_partitions[number % len(self._state_partitions)])
 
+    async def settle(self) -> None:
+        """Wait for the last batch's alerts, dead letters and forwards to be delivered (under the lock).
+
+        :meth:`process` does not wait for its own deliveries: the next batch is judged while they
+        travel, and they are awaited before that batch is, before any snapshot and before offsets
+        are committed, so neither ever covers an undelivered alert.
+        """
+        if self._unsettled is not None:
+            unsettled, self._unsettled = self._unsettled, None
+            await unsettled
+        for part, offset in self._unsettled_moved:
+            part.acked = offset
+        self._unsettled_moved = []
+
     async def save(self, batch: Sequence[Partition]) -> int:
         """Write the partitions' engines to the state topic (under the lock); returns the bytes written."""
+        await self.settle()  # a snapshot's offset covers only delivered alerts
         k, reader = self.k, await self.reader_ready()
         alerts_end = await reader.end_offsets(k.alerts_topic)  # every alert raised so far was delivered
         pending, size = [], 0
@@ -372,6 +393,7 @@ class Runtime:
     async def save_all(self, why: str) -> None:
         """Snapshot every changed partition, one log line for the round."""
         async with self.lock:
+            await self.settle()
             t0 = time.perf_counter()
             batch = [p for p in self.parts.values() if p.dirty]
             if batch:
@@ -409,7 +431,7 @@ class Runtime:
                 log.exception("stormwatch: snapshot of partition %d at offset %d unreadable", n, snap.offset)
                 engine, aligner = self.make_engine(), None
             part = self.parts[n] = self.new_partition(n, engine, aligner)
-            part.offset = part.saved_offset = snap.offset
+            part.offset = part.saved_offset = part.acked = snap.offset
             part.sources = dict(snap.sources)
             part.published = await reader.published_since(k.alerts_topic, snap.alerts_end, (self.topic, n))
             log.info(
@@ -454,11 +476,12 @@ class Runtime:
     async def process(self, batches: Mapping[TopicPartition, Sequence[Any]]) -> int:
         """One fetched batch per partition through its engine; returns the events handled.
 
-        Alerts and dead letters of the whole batch are sent together and awaited before the
-        partitions' offsets move: an offset (and so a snapshot) never covers an undelivered alert.
+        Alerts, dead letters and forwards of the whole batch are sent together, and awaited (see
+        :meth:`settle`) before the next batch, a snapshot or a commit.
         """
         handled = 0
         async with self.lock:
+            await self.settle()
             wall = time.monotonic()
             pending: list[Awaitable[Any]] = []
             moved: list[tuple[Partition, int]] = []
@@ -492,7 +515,7 @@ class Runtime:
                             part.offset + 1,
                         )
                 if part.saved_offset is None:  # first event of a partition never saved: save the empty engine
-                    part.offset = first - 1
+                    part.offset = part.acked = first - 1
                     await self.save([part])
                 if self.forwarded:
                     for r in fresh:
@@ -501,9 +524,10 @@ class Runtime:
                 else:
                     handled += await self._handle(part, fresh, wall, pending)
                 moved.append((part, fresh[-1].offset))
-            await asyncio.gather(*pending)  # delivered before the events count as processed
             for part, offset in moved:
                 part.offset, part.dirty = offset, True
+            self._unsettled = asyncio.gather(*pending) if pending else None
+            self._unsettled_moved = moved
             metrics = self.feed.metrics if self.feed is not None else None
             if metrics is not None and handled:
                 metrics.observe_latency((time.monotonic() - wall) / handled)  # per event, this batch's mean
@@ -607,6 +631,8 @@ class Runtime:
         async with self.lock:
             wall = time.monotonic()
             for part in list(self.parts.values()):
+                if part.number in self.paused:
+                    continue  # waiting for the by-team stage, not quiet: its event time stays
                 if part.aligner is not None and len(part.aligner):
                     # Events still wait for a slower usage partition: let go those whose wait is over.
                     pending: list[Awaitable[Any]] = []
@@ -637,6 +663,7 @@ class Runtime:
         names = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned.values())
         log.info("stormwatch: assigned %s", " ".join(names) or "nothing")
         async with self.lock:
+            await self.settle()
             for n in sorted(set(self.parts) - set(assigned)):
                 del self.parts[n]  # saved when revoked
             await self.restore(sorted(set(assigned) - set(self.parts)))
@@ -647,9 +674,30 @@ class Runtime:
         log.info("stormwatch: resuming %s", " ".join(f"{tp.partition}@{o}" for tp, o in sorted(resume_at.items())))
         return resume_at
 
+    def watermarks(self) -> dict[TopicPartition, float]:
+        """The event time each partition's engine has reached."""
+        return {TopicPartition(self.topic, n): p.handler.engine.stats.watermark for n, p in self.parts.items()}
+
+    def resumed(self, partitions: Iterable[TopicPartition], wall: float) -> None:
+        """Paused partitions go on: their wait was no quiet stream (see :mod:`detector.worker.clock`)."""
+        for tp in partitions:
+            self.paused.discard(tp.partition)
+            part = self.parts.get(tp.partition)
+            if part is not None:
+                part.handler.clock.saw_event(wall)
+
+    def alignment(self, wall: float) -> tuple[int, float]:
+        """By-team: the events held, and the event time every live usage partition has passed."""
+        held, low = 0, math.inf
+        for p in self.parts.values():
+            if p.aligner is not None:
+                held += len(p.aligner)
+                low = min(low, p.aligner.low(wall))
+        return held, low
+
     def positions(self) -> dict[TopicPartition, int]:
         """The next offset of each partition: what the group may commit."""
-        return {TopicPartition(self.topic, n): p.offset + 1 for n, p in self.parts.items() if p.offset >= 0}
+        return {TopicPartition(self.topic, n): p.acked + 1 for n, p in self.parts.items() if p.acked >= 0}
 
 
 @dataclass(frozen=True)

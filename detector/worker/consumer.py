@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import mode
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition  # type: ignore[import-untyped]
@@ -40,6 +41,7 @@ log = logging.getLogger("stormwatch.worker")
 MAX_BATCH = 5000  # records per getmany: bounds the time the runtime's lock is held (~50 ms)
 POLL_MS = 100  # how long getmany waits for records before the loop looks around
 COMMIT_EVERY_SECONDS = 1.0
+FORWARD_BATCH_BYTES = 1_000_000  # under the broker's default message.max.bytes (1,048,588): several packs a batch
 
 
 class NoFaustConsumer(BootStrategy):
@@ -60,6 +62,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         assigned = list(assigned)
+        self.owner.paused_ahead.clear()  # a new assignment starts unpaused
+        self.owner.runtime.paused.clear()
         for runtime in self.owner.runtimes.values():
             resume_at = await runtime.assigned(assigned)
             for tp, offset in resume_at.items():
@@ -77,8 +81,13 @@ class UsageConsumer(mode.Service):
         self.declare = declare
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None  # forwards usage events to the by-team topic
+        # What forward() hands the producer, in order: (key, value, headers, partition, future of the delivery).
+        self._outbox: asyncio.Queue[tuple[bytes | None, bytes, list[tuple[str, bytes]], int | None, Any]] = (
+            asyncio.Queue()
+        )
         self._loop_done = asyncio.Event()
         self._committed: dict[TopicPartition, int] = {}
+        self.paused_ahead: set[TopicPartition] = set()  # usage partitions ahead of the by-team stage (see _align)
         self._last_commit = 0.0
 
     @property
@@ -106,6 +115,7 @@ class UsageConsumer(mode.Service):
                 acks="all",
                 enable_idempotence=True,  # forwards of one usage partition stay in order: repeats are told by offset
                 linger_ms=5,
+                max_batch_size=FORWARD_BATCH_BYTES,
                 **client_options(k),
             )
             await self._producer.start()
@@ -126,10 +136,30 @@ class UsageConsumer(mode.Service):
     async def forward(
         self, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]], partition: int | None
     ) -> Awaitable[Any]:
-        assert self._producer is not None
+        """Queue one record for the by-team topic; returns an awaitable of its delivery.
+
+        The producer takes one batch per partition at a time and makes the next ``send`` wait for a
+        round trip; :meth:`_forwarder` sends in the background, so the next batch is judged meanwhile.
+        The runtime awaits the deliveries before its offsets move (``Runtime.settle``).
+        """
+        queued = asyncio.get_running_loop().create_future()
+        self._outbox.put_nowait((key, value, headers, partition, queued))
+        return self._delivered(queued)
+
+    @staticmethod
+    async def _delivered(queued: asyncio.Future[Awaitable[Any]]) -> Any:
+        return await (await queued)
+
+    @mode.Service.task
+    async def _forwarder(self) -> None:
         topic = self.runtime.k.by_team_topic
-        sent = await self._producer.send(topic, value=value, key=key, headers=headers, partition=partition)
-        return cast(Awaitable[Any], sent)
+        while not self.should_stop:
+            key, value, headers, partition, queued = await self._outbox.get()
+            assert self._producer is not None
+            try:
+                queued.set_result(await self._producer.send(topic, value, key, partition, headers=headers))
+            except Exception as error:  # the runtime's settle raises it
+                queued.set_exception(error)
 
     @mode.Service.task
     async def _consume(self) -> None:
@@ -144,10 +174,52 @@ class UsageConsumer(mode.Service):
                     if mine:
                         # Shielded: a stop must not cut a batch between the engines and the alert deliveries.
                         await asyncio.shield(runtime.process(mine))
+                self._align()
                 if time.monotonic() - self._last_commit >= COMMIT_EVERY_SECONDS:
                     await self.commit()
         finally:
             self._loop_done.set()
+
+    def _align(self) -> None:
+        """Pause the usage partitions that run ahead in event time while the by-team stage holds many events.
+
+        While a backlog drains, a partition with fewer events gets through the day faster than one
+        with more, and the by-team partitions hold its events until the slowest has caught up
+        (:mod:`detector.worker.align`). Rather than hold ever more (and at last let them go late),
+        the partitions ahead wait at the broker, as Flink's watermark alignment does; the slowest
+        is never paused. Live traffic holds a fraction of a second of events and never pauses.
+        """
+        k = self.runtime.k
+        by_team = self.runtimes.get(k.by_team_topic) if k.repartition_by_team else None
+        if by_team is None:
+            return
+        wall = time.monotonic()
+        held, low = by_team.alignment(wall)
+        if not math.isfinite(low) or held <= k.align_max_held_events // 8:
+            if self.paused_ahead:
+                self._resume(self.paused_ahead, wall)
+            return
+        if held <= k.align_max_held_events // 2 and not self.paused_ahead:
+            return
+        marks = self.runtime.watermarks()
+        # The by-team stage learns of this worker's progress a batch late, so "ahead of low" alone could
+        # take in the partition it waits for: this worker's slowest partitions always go on.
+        floor = max(low, min(marks.values(), default=math.inf))
+        mine = self.consumer.assignment()
+        ahead = {tp for tp, mark in marks.items() if mark > floor and tp in mine}
+        if self.paused_ahead - ahead:
+            self._resume(self.paused_ahead - ahead, wall)
+        if ahead - self.paused_ahead:
+            self.consumer.pause(*(ahead - self.paused_ahead))
+            self.runtime.stats.pauses += len(ahead - self.paused_ahead)
+            self.runtime.paused.update(tp.partition for tp in ahead)
+            self.paused_ahead |= ahead
+
+    def _resume(self, partitions: set[TopicPartition], wall: float) -> None:
+        partitions = set(partitions)
+        self.consumer.resume(*partitions)
+        self.runtime.resumed(partitions, wall)
+        self.paused_ahead -= partitions
 
     async def commit(self) -> None:
         """Commit the delivered positions that moved (best effort: a rebalance may refuse it); report lag."""
