@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
+from collections.abc import Hashable, Mapping, Set
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+P = TypeVar("P", bound=Hashable)
 
 MARK_EVERY_SECONDS = 0.05
 MAX_HELD = 20_000
@@ -121,3 +123,28 @@ class Aligner(Generic[T]):
 
     def __len__(self) -> int:
         return len(self.held)
+
+
+def to_pause(held: int, low: float, marks: Mapping[P, float], paused: Set[P], max_held: int) -> set[P]:
+    """Which of a worker's usage partitions should wait at the broker, so the by-team stage can catch up.
+
+    ``held``: events the worker's by-team partitions hold; ``low``: the event time every live
+    usage partition has passed; ``marks``: the event time each of the worker's usage partitions
+    has reached; ``paused``: those paused now. Pausing starts when more than half of ``max_held``
+    is held and ends when an eighth is; meanwhile the partitions ahead of the slowest wait. The
+    by-team stage learns of this worker's progress a batch late, so "ahead of ``low``" alone could
+    take in the very partition it waits for: the worker's slowest always goes on.
+
+    >>> to_pause(held=15_000, low=100.0, marks={"a": 120.0, "b": 104.0, "c": 150.0}, paused=set(), max_held=20_000)
+    {'a', 'c'}
+    >>> sorted(to_pause(held=3_000, low=100.0, marks={"a": 120.0, "b": 104.0}, paused={"a"}, max_held=20_000))
+    ['a']
+    >>> to_pause(held=2_000, low=100.0, marks={"a": 120.0, "b": 104.0}, paused={"a"}, max_held=20_000)
+    set()
+    """
+    if not math.isfinite(low) or held <= max_held // 8:
+        return set()
+    if held <= max_held // 2 and not paused:
+        return set()
+    floor = max(low, min(marks.values(), default=math.inf))
+    return {p for p, mark in marks.items() if mark > floor}

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -31,6 +30,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import ConsumerStoppedError, KafkaError  # type: ignore[import-untyped]
 from faust.app.base import BootStrategy
 
+from detector.worker.align import to_pause
 from detector.worker.snapshots import client_options
 
 if TYPE_CHECKING:
@@ -195,18 +195,9 @@ class UsageConsumer(mode.Service):
             return
         wall = time.monotonic()
         held, low = by_team.alignment(wall)
-        if not math.isfinite(low) or held <= k.align_max_held_events // 8:
-            if self.paused_ahead:
-                self._resume(self.paused_ahead, wall)
-            return
-        if held <= k.align_max_held_events // 2 and not self.paused_ahead:
-            return
-        marks = self.runtime.watermarks()
-        # The by-team stage learns of this worker's progress a batch late, so "ahead of low" alone could
-        # take in the partition it waits for: this worker's slowest partitions always go on.
-        floor = max(low, min(marks.values(), default=math.inf))
         mine = self.consumer.assignment()
-        ahead = {tp for tp, mark in marks.items() if mark > floor and tp in mine}
+        marks = {tp: mark for tp, mark in self.runtime.watermarks().items() if tp in mine}
+        ahead = to_pause(held, low, marks, self.paused_ahead, k.align_max_held_events)
         if self.paused_ahead - ahead:
             self._resume(self.paused_ahead - ahead, wall)
         if ahead - self.paused_ahead:
