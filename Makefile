@@ -25,6 +25,7 @@ test: $(STAMP) lint browser
 
 lint: $(STAMP)
 	$(BIN)/ruff check detector tests
+	$(BIN)/ruff format --check detector tests
 	$(BIN)/mypy
 	$(BIN)/detector schemas --check
 

@@ -11,6 +11,19 @@ from detector.events import UsageEvent
 
 T0 = 1_793_952_000.0  # 2026-11-06 08:00 UTC, a Friday morning
 
+MINIMAL_EVENT: dict[str, Any] = {  # a usage event with only the required fields, as JSON has it
+    "event_id": "e1",
+    "timestamp": "2026-11-02T09:30:00+01:00",
+    "team": "search",
+    "api_key_id": "k1",
+    "provider": "openai",
+    "model": "gpt-4o",
+    "operation": "chat",
+    "input_tokens": 1200,
+    "output_tokens": 300,
+    "status": "ok",
+}
+
 
 def make_event(t: float, **fields: Any) -> UsageEvent:
     base: dict[str, Any] = {

@@ -9,21 +9,11 @@ from pydantic import ValidationError
 
 from detector import schemas
 from detector.events import CONTRACTS, UsageEvent
+from tests.conftest import MINIMAL_EVENT
 
 ROOT = Path(__file__).resolve().parents[2]
 
-GOOD = {
-    "event_id": "e1",
-    "timestamp": "2026-11-02T09:30:00+01:00",
-    "team": "search",
-    "api_key_id": "k1",
-    "provider": "openai",
-    "model": "gpt-4o",
-    "operation": "chat",
-    "input_tokens": 1200,
-    "output_tokens": 300,
-    "status": "ok",
-}
+GOOD = MINIMAL_EVENT
 
 
 def test_checked_in_schemas_match_the_models() -> None:

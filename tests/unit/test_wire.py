@@ -15,18 +15,11 @@ from pydantic import ValidationError
 from detector.events import UsageEvent
 from detector.replay import explain
 from detector.wire import UsageRecord, decode_usage
+from tests.conftest import MINIMAL_EVENT
 
 BASE: dict[str, Any] = {
-    "event_id": "e1",
+    **MINIMAL_EVENT,
     "timestamp": "2026-11-02T09:30:00.250Z",
-    "team": "search",
-    "api_key_id": "k1",
-    "provider": "openai",
-    "model": "gpt-4o",
-    "operation": "chat",
-    "input_tokens": 1200,
-    "output_tokens": 300,
-    "status": "ok",
     "user": "u1",
     "agent_id": "a1",
     "session_id": "s1",
