@@ -13,8 +13,6 @@ partition holds events back, the way a stream processor aligns watermarks after 
   events there; and on each pack, as it stood before the pack's batch;
 * events wait here, ordered by event time, until every *live* source's watermark has passed
   them; then they go to the engine oldest first;
-* a source that has read all its partition had (a mark says so) holds nobody back: what it
-  sends next is newer than what it sent; and so
 * a source that has said nothing for ``idle_after`` seconds of wall clock (no traffic, a dead
   worker not yet replaced) stops holding the others back, and so does one never heard from
   ``idle_after`` seconds after the first was; its events, when they come, are simply late;
@@ -57,7 +55,6 @@ _TIME = itemgetter(0)
 class Source:
     watermark: float = -math.inf
     heard_at: float = -math.inf  # wall clock (monotonic) of the last pack or mark
-    idle: bool = False  # caught up with its partition's end: holds nobody back until it sends events again
 
 
 @dataclass
@@ -78,8 +75,8 @@ class Aligner(Generic[T]):
         """Hold one event (its source's watermark comes with :meth:`heard`)."""
         self.held.append((ts, item))
 
-    def heard(self, source: int, watermark: float, wall: float, sources: int | None = None, idle: bool = False) -> None:
-        """``source`` has got to ``watermark`` in event time (with a pack, or a mark; ``idle``: and read all it had)."""
+    def heard(self, source: int, watermark: float, wall: float, sources: int | None = None) -> None:
+        """``source`` has got to ``watermark`` in event time (with a pack, or a mark)."""
         s = self.seen.get(source)
         if s is None:
             if not self.seen and self.started == math.inf:
@@ -87,7 +84,7 @@ class Aligner(Generic[T]):
             s = self.seen[source] = Source()
         if watermark > s.watermark:
             s.watermark = watermark
-        s.heard_at, s.idle = wall, idle
+        s.heard_at = wall
         if sources is not None:
             self.sources = sources
 
@@ -96,7 +93,7 @@ class Aligner(Generic[T]):
         low = math.inf
         cutoff = wall - self.idle_after
         for s in self.seen.values():
-            if s.heard_at > cutoff and s.watermark < low and not s.idle:
+            if s.heard_at > cutoff and s.watermark < low:
                 low = s.watermark
         if len(self.seen) < self.sources and self.started > cutoff:
             return -math.inf  # a source not heard from yet, and still in its grace time

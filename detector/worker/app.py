@@ -134,7 +134,6 @@ REASON_HEADER = "stormwatch-reason"
 WATERMARK_HEADER = "stormwatch-watermark"  # on packs and marks: the usage partition's event time
 SOURCES_HEADER = "stormwatch-sources"  # on packs and marks: how many usage partitions there are
 RECORD_HEADER = "stormwatch-record"
-IDLE_HEADER = "stormwatch-idle"  # on a mark: the usage partition has been read to its end
 MARK = b"watermark"  # RECORD_HEADER of a mark: a watermark with no events
 # (key, value, headers, partition): sends one record to the by-team topic; returns its delivery.
 Forward = Callable[[bytes | None, bytes, list[tuple[str, bytes]], int | None], Awaitable[Awaitable[Any]]]
@@ -247,7 +246,6 @@ class Partition:
     sources: dict[str, int] = field(default_factory=dict)  # by-team: "<usage partition>:<team>" -> last offset
     aligner: Aligner[Usage] | None = None  # by-team: events waiting for the slower usage partitions
     marked_at: float = -math.inf  # usage, repartitioning: wall clock of the last marks sent
-    marked_idle: bool = False  # usage, repartitioning: the last marks said "read to the end"
 
     def fresh_alerts(self, alerts: Sequence[Alert]) -> list[Alert]:
         """``alerts`` without those already published by the previous owner of the partition."""
@@ -324,7 +322,6 @@ class Runtime:
         self.fanout: list[int] = []  # usage runtime: the by-team partitions, to send marks to (set on start)
         self.sources_total = 0  # usage runtime: how many usage partitions there are (set on start)
         self.paused: set[int] = set()  # usage runtime: partitions paused, ahead of the by-team stage
-        self.highwater: Callable[[TopicPartition], int | None] | None = None  # the consumer's (set on start)
         self._unsettled: Awaitable[Any] | None = None  # the last batch's deliveries (see settle)
         self._unsettled_moved: list[tuple[Partition, int]] = []
 
@@ -566,15 +563,11 @@ class Runtime:
                 for blob in packs_of(events, PACK_BYTES):
                     pending.append(await self.forward(team.encode(), blob, headers, None))
             after = handler.engine.stats.watermark
-            end = self.highwater(TopicPartition(self.topic, part.number)) if self.highwater is not None else None
-            idle = end is not None and records[-1].offset + 1 >= end
-            if after > -math.inf and (wall - part.marked_at >= MARK_EVERY_SECONDS or (idle and not part.marked_idle)):
+            if wall - part.marked_at >= MARK_EVERY_SECONDS and after > -math.inf:
                 # Sent after all the batch's packs, by the same producer, so it reaches every by-team
-                # partition after them: there, this partition has now passed ``after`` (and read all it had).
-                part.marked_at, part.marked_idle = wall, idle
+                # partition after them: there, this partition has now passed ``after``.
+                part.marked_at = wall
                 mark = [*where, (WATERMARK_HEADER, repr(after).encode()), total, (RECORD_HEADER, MARK)]
-                if idle:
-                    mark.append((IDLE_HEADER, b"1"))
                 for p in self.fanout:
                     pending.append(await self.forward(None, b"", mark, p))
         return len(records)
@@ -597,7 +590,7 @@ class Runtime:
         assert aligner is not None
         watermark, total = float(headers.get(WATERMARK_HEADER, b"-inf")), int(headers.get(SOURCES_HEADER, b"0"))
         if mark:
-            aligner.heard(usage_partition, watermark, wall, total, idle=IDLE_HEADER in headers)
+            aligner.heard(usage_partition, watermark, wall, total)
             return 0
         stream = f"{usage_partition}:{r.key.decode()}"  # packs of one team from one usage partition
         seen = part.sources.get(stream, -1)

@@ -120,7 +120,6 @@ class UsageConsumer(mode.Service):
             )
             await self._producer.start()
             self.runtime.forward = self.forward
-            self.runtime.highwater = self.consumer.highwater
             self.runtime.fanout = sorted(await self._producer.partitions_for(k.by_team_topic))
             self.runtime.sources_total = len(await self._producer.partitions_for(k.usage_topic))
         await self._consumer.start()

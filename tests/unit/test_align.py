@@ -115,18 +115,3 @@ def test_pausing_the_partitions_ahead_keeps_a_skewed_drain_in_order_within_bound
     assert sorted(out) == sorted(t for v in streams.values() for t in v), "all of it, once (no stall)"
     assert out == sorted(out) and a.forced == 0
     assert most_paused == 2, "the two sparse partitions had to wait"
-
-
-def test_a_source_read_to_its_end_holds_nobody_back_until_it_sends_again() -> None:
-    a: Aligner[str] = Aligner(sources=2, idle_after=3.0)
-    a.heard(0, 50.0, wall=0.0, sources=2, idle=True)  # all it had was older than the others
-    a.add(90.0, "b@90")
-    a.heard(1, 90.0, wall=0.0)
-    assert a.release(wall=0.1) == ["b@90"], "no 3 s wait for a partition with nothing left"
-    a.add(95.0, "b@95")
-    a.heard(1, 95.0, wall=0.2)
-    a.add(92.0, "a@92")
-    a.heard(0, 92.0, wall=0.2)  # it has events again: it counts again
-    assert a.release(wall=0.3) == ["a@92"]
-    a.heard(0, 100.0, wall=0.4)
-    assert a.release(wall=0.4) == ["b@95"]
