@@ -38,11 +38,10 @@ from detector.breaker_cli import current_changes
 from detector.breakers import entity_key
 from detector.events import Alert, BreakerChange, IncidentFeedback
 from detector.settings import Settings
-from detector.worker.snapshots import StateReader, client_options
+from detector.worker.snapshots import RECORD_HEADER, StateReader, client_options
 
 log = logging.getLogger("stormwatch.alerter")
 
-RECORD_HEADER = "stormwatch-record"
 FEEDBACK = b"feedback"
 TICK_SECONDS = 1.0
 

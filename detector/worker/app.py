@@ -105,6 +105,7 @@ from detector.worker.config import KafkaSettings
 from detector.worker.consumer import NoFaustConsumer, UsageConsumer
 from detector.worker.packs import packs_of, unpack
 from detector.worker.snapshots import (
+    RECORD_HEADER,
     SOURCE_OFFSET_HEADER,
     SOURCE_PARTITION_HEADER,
     SOURCE_TOPIC_HEADER,
@@ -133,7 +134,6 @@ __all__ = [
 REASON_HEADER = "stormwatch-reason"
 WATERMARK_HEADER = "stormwatch-watermark"  # on packs and marks: the usage partition's event time
 SOURCES_HEADER = "stormwatch-sources"  # on packs and marks: how many usage partitions there are
-RECORD_HEADER = "stormwatch-record"
 MARK = b"watermark"  # RECORD_HEADER of a mark: a watermark with no events
 # (key, value, headers, partition): sends one record to the by-team topic; returns its delivery.
 Forward = Callable[[bytes | None, bytes, list[tuple[str, bytes]], int | None], Awaitable[Awaitable[Any]]]

@@ -38,6 +38,7 @@ ENVELOPE_VERSION = 1
 SOURCE_TOPIC_HEADER = "stormwatch-source-topic"
 SOURCE_PARTITION_HEADER = "stormwatch-source-partition"
 SOURCE_OFFSET_HEADER = "stormwatch-source-offset"
+RECORD_HEADER = "stormwatch-record"  # what a record on one of our topics is, when not the topic's usual kind
 
 
 def state_key(usage_topic: str, partition: int) -> str:
