@@ -27,6 +27,16 @@ MAX_COST_USD = 100_000.0
 MAX_RETRY_ATTEMPT = 10_000
 
 
+def check_token_subsets(
+    input_tokens: int, output_tokens: int, cached_input_tokens: int | None, reasoning_tokens: int | None
+) -> None:
+    """The contract's cross-field rule: cached and reasoning tokens are parts of input and output."""
+    if cached_input_tokens is not None and cached_input_tokens > input_tokens:
+        raise ValueError("cached_input_tokens exceeds input_tokens")
+    if reasoning_tokens is not None and reasoning_tokens > output_tokens:
+        raise ValueError("reasoning_tokens exceeds output_tokens")
+
+
 def _to_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
@@ -90,10 +100,7 @@ class UsageEvent(BaseModel):
 
     @model_validator(mode="after")
     def _subsets(self) -> UsageEvent:
-        if self.cached_input_tokens is not None and self.cached_input_tokens > self.input_tokens:
-            raise ValueError("cached_input_tokens exceeds input_tokens")
-        if self.reasoning_tokens is not None and self.reasoning_tokens > self.output_tokens:
-            raise ValueError("reasoning_tokens exceeds output_tokens")
+        check_token_subsets(self.input_tokens, self.output_tokens, self.cached_input_tokens, self.reasoning_tokens)
         return self
 
 

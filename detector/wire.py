@@ -32,7 +32,15 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from detector.events import MAX_COST_USD, MAX_RETRY_ATTEMPT, MAX_TOKENS, Status, Usage, UsageEvent
+from detector.events import (
+    MAX_COST_USD,
+    MAX_RETRY_ATTEMPT,
+    MAX_TOKENS,
+    Status,
+    Usage,
+    UsageEvent,
+    check_token_subsets,
+)
 
 __all__ = ["UsageRecord", "decode_usage", "encode_usage"]
 
@@ -71,11 +79,8 @@ class UsageRecord(msgspec.Struct, frozen=True, gc=False):
     labels: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
-        # The contract's cross-field rule; a refusal here sends the event to pydantic for the reason.
-        if self.cached_input_tokens is not None and self.cached_input_tokens > self.input_tokens:
-            raise ValueError("cached_input_tokens exceeds input_tokens")
-        if self.reasoning_tokens is not None and self.reasoning_tokens > self.output_tokens:
-            raise ValueError("reasoning_tokens exceeds output_tokens")
+        # A refusal here sends the event to pydantic, which refuses it too and says why.
+        check_token_subsets(self.input_tokens, self.output_tokens, self.cached_input_tokens, self.reasoning_tokens)
 
 
 _decode = msgspec.json.Decoder(UsageRecord).decode
