@@ -321,7 +321,7 @@ class Runtime:
         self.seek: Callable[[TopicPartition, int], None] | None = None  # the consumer's, set on assignment
         self.fanout: list[int] = []  # usage runtime: the by-team partitions, to send marks to (set on start)
         self.sources_total = 0  # usage runtime: how many usage partitions there are (set on start)
-        self.paused: set[int] = set()  # usage runtime: partitions paused, ahead of the by-team stage
+        self.paused: set[int] = set()  # usage runtime: partitions paused, ahead of the by-team stage (consumer._align)
         self._unsettled: Awaitable[Any] | None = None  # the last batch's deliveries (see settle)
         self._unsettled_moved: list[tuple[Partition, int]] = []
 

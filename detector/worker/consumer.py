@@ -62,8 +62,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         assigned = list(assigned)
-        self.owner.paused_ahead.clear()  # a new assignment starts unpaused
-        self.owner.runtime.paused.clear()
+        self.owner.runtime.paused.clear()  # a new assignment starts unpaused
         for runtime in self.owner.runtimes.values():
             resume_at = await runtime.assigned(assigned)
             for tp, offset in resume_at.items():
@@ -87,7 +86,6 @@ class UsageConsumer(mode.Service):
         )
         self._loop_done = asyncio.Event()
         self._committed: dict[TopicPartition, int] = {}
-        self.paused_ahead: set[TopicPartition] = set()  # usage partitions ahead of the by-team stage (see _align)
         self._last_commit = 0.0
 
     @property
@@ -197,20 +195,15 @@ class UsageConsumer(mode.Service):
         held, low = by_team.alignment(wall)
         mine = self.consumer.assignment()
         marks = {tp: mark for tp, mark in self.runtime.watermarks().items() if tp in mine}
-        ahead = to_pause(held, low, marks, self.paused_ahead, k.align_max_held_events)
-        if self.paused_ahead - ahead:
-            self._resume(self.paused_ahead - ahead, wall)
-        if ahead - self.paused_ahead:
-            self.consumer.pause(*(ahead - self.paused_ahead))
-            self.runtime.stats.pauses += len(ahead - self.paused_ahead)
-            self.runtime.paused.update(tp.partition for tp in ahead)
-            self.paused_ahead |= ahead
-
-    def _resume(self, partitions: set[TopicPartition], wall: float) -> None:
-        partitions = set(partitions)
-        self.consumer.resume(*partitions)
-        self.runtime.resumed(partitions, wall)
-        self.paused_ahead -= partitions
+        paused = {TopicPartition(k.usage_topic, n) for n in self.runtime.paused}
+        ahead = to_pause(held, low, marks, paused, k.align_max_held_events)
+        if paused - ahead:
+            self.consumer.resume(*(paused - ahead))
+            self.runtime.resumed(paused - ahead, wall)
+        if ahead - paused:
+            self.consumer.pause(*(ahead - paused))
+            self.runtime.stats.pauses += len(ahead - paused)
+            self.runtime.paused.update(tp.partition for tp in ahead - paused)
 
     async def commit(self) -> None:
         """Commit the delivered positions that moved (best effort: a rebalance may refuse it); report lag."""
