@@ -31,27 +31,6 @@ REPO = Path(__file__).resolve().parents[2]
 # -- traffic -----------------------------------------------------------------------------------
 
 
-def normal_hour(t0: float, key: str = "key-1") -> list[UsageEvent]:
-    """A healthy key: one call every 2 s for an hour."""
-    return [make_event(t0 + 2.0 * i, api_key_id=key) for i in range(1800)]
-
-
-def retry_storm(start: float, n: int = 3000, key: str = "key-1") -> list[UsageEvent]:
-    """An SDK retrying a 429 ten times a second."""
-    return [
-        make_event(
-            start + 0.1 * i,
-            api_key_id=key,
-            status="rate_limited",
-            http_status=429,
-            retry_attempt=i % 40 + 1,
-            output_tokens=0,
-            cost_usd=0.0,
-        )
-        for i in range(n)
-    ]
-
-
 def record(ev: UsageEvent) -> tuple[bytes, bytes]:
     return ev.api_key_id.encode(), ev.model_dump_json().encode()
 

@@ -12,8 +12,8 @@ from detector.alerting.alerter import FEEDBACK, RECORD_HEADER
 from detector.cli import main as cli_main
 from detector.engine import Engine
 from detector.events import Alert, IncidentFeedback
-from tests.conftest import T0
-from tests.integration.kafka_tools import create_topic, normal_hour, produce, read_all, retry_storm
+from tests.conftest import T0, normal_hour, retry_storm
+from tests.integration.kafka_tools import create_topic, produce, read_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import T0
+from tests.conftest import T0, normal_hour, retry_storm
 from tests.integration.http_recorder import free_port
-from tests.integration.kafka_tools import normal_hour, retry_storm
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

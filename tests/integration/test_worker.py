@@ -22,7 +22,7 @@ from detector.worker.app import (
     SOURCE_PARTITION_HEADER,
     SOURCE_TOPIC_HEADER,
 )
-from tests.conftest import T0
+from tests.conftest import T0, normal_hour, retry_storm
 from tests.integration.kafka_tools import (
     Topics,
     Workers,
@@ -30,11 +30,9 @@ from tests.integration.kafka_tools import (
     consume_until,
     create_topic,
     firing_storm,
-    normal_hour,
     produce,
     read_all,
     record,
-    retry_storm,
     topic_configs,
 )
 

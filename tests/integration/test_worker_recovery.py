@@ -18,19 +18,17 @@ import pytest
 
 from detector.engine import Engine
 from detector.events import Alert, UsageEvent
-from tests.conftest import T0
+from tests.conftest import T0, normal_hour, retry_storm
 from tests.integration.kafka_tools import (
     Topics,
     WorkerProcess,
     consume_until,
     create_topic,
     fleet,
-    normal_hour,
     partition_of,
     produce,
     read_all,
     record,
-    retry_storm,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]

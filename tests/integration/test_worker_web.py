@@ -15,18 +15,9 @@ import aiohttp
 import pytest
 
 from detector.events import BreakerChange
-from tests.conftest import T0
+from tests.conftest import T0, normal_hour, retry_storm
 from tests.integration.http_recorder import free_port
-from tests.integration.kafka_tools import (
-    Topics,
-    Workers,
-    consume_until,
-    firing_storm,
-    normal_hour,
-    produce,
-    record,
-    retry_storm,
-)
+from tests.integration.kafka_tools import Topics, Workers, consume_until, firing_storm, produce, record
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -9,26 +9,12 @@ import pytest
 from detector.engine import Engine
 from detector.events import UsageEvent
 from detector.settings import Settings, load_settings
-from tests.conftest import T0, make_event
+from tests.conftest import T0, make_event, normal_hour, retry_storm
 
 
 def stream() -> list[UsageEvent]:
     """An hour of a healthy key, then a 5-minute retry storm, then an hour of calm."""
-    events = [make_event(T0 + 2.0 * i) for i in range(1800)]
-    storm_start = T0 + 3600
-    events += [
-        make_event(
-            storm_start + 0.1 * i,
-            status="rate_limited",
-            http_status=429,
-            retry_attempt=i % 40 + 1,
-            output_tokens=0,
-            cost_usd=0.0,
-        )
-        for i in range(3000)
-    ]
-    events += [make_event(T0 + 3900 + 2.0 * i) for i in range(1800)]
-    return events
+    return normal_hour(T0) + retry_storm(T0 + 3600) + normal_hour(T0 + 3900)
 
 
 def run(engine: Engine, events: list[UsageEvent]) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any
 from detector.alerting.slack import NO_ACTION, SlackMessage, message_for
 from detector.engine import Engine
 from detector.events import Alert
-from tests.conftest import T0, make_event
+from tests.conftest import T0, normal_hour, retry_storm
 
 
 def make_alert(**over: Any) -> Alert:
@@ -259,19 +259,7 @@ def test_small_and_large_numbers_read_well() -> None:
 
 def test_real_engine_alerts_render_within_limits() -> None:
     """Records from the engine itself (a retry storm: firing, then resolved) all make valid messages."""
-    events = [make_event(T0 + 2.0 * i) for i in range(1800)]
-    events += [
-        make_event(
-            T0 + 3600 + 0.1 * i,
-            status="rate_limited",
-            http_status=429,
-            retry_attempt=i % 40 + 1,
-            output_tokens=0,
-            cost_usd=0.0,
-        )
-        for i in range(3000)
-    ]
-    events += [make_event(T0 + 3900 + 2.0 * i) for i in range(600)]
+    events = normal_hour(T0) + retry_storm(T0 + 3600) + normal_hour(T0 + 3900)[:600]
     engine = Engine.default()
     alerts = [a for ev in events for a in engine.process(ev)]
     assert alerts[0].status.value == "firing" and alerts[-1].status.value == "resolved"
