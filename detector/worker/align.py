@@ -133,7 +133,9 @@ def to_pause(held: int, low: float, marks: Mapping[P, float], paused: Set[P], ma
     has reached; ``paused``: those paused now. Pausing starts when more than half of ``max_held``
     is held and ends when an eighth is; meanwhile the partitions ahead of the slowest wait. The
     by-team stage learns of this worker's progress a batch late, so "ahead of ``low``" alone could
-    take in the very partition it waits for: the worker's slowest always goes on.
+    take in the very partition it waits for: the worker's slowest always goes on. While a source
+    is still unheard in its grace time (``low`` is -inf) everything is held, so the same applies:
+    the partitions ahead of the worker's slowest wait, rather than fill the aligner past its bound.
 
     >>> marks = {"a": 120.0, "b": 104.0, "c": 150.0}
     >>> sorted(to_pause(held=15_000, low=100.0, marks=marks, paused=set(), max_held=20_000))
@@ -142,8 +144,10 @@ def to_pause(held: int, low: float, marks: Mapping[P, float], paused: Set[P], ma
     ['a']
     >>> to_pause(held=2_000, low=100.0, marks={"a": 120.0, "b": 104.0}, paused={"a"}, max_held=20_000)
     set()
+    >>> sorted(to_pause(held=15_000, low=-math.inf, marks={"a": 120.0, "b": -math.inf}, paused=set(), max_held=20_000))
+    ['a']
     """
-    if not math.isfinite(low) or held <= max_held // 8:
+    if low == math.inf or held <= max_held // 8:
         return set()
     if held <= max_held // 2 and not paused:
         return set()

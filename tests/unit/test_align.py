@@ -85,22 +85,24 @@ def test_held_events_survive_a_snapshot_in_another_process() -> None:
     assert back.release(wall=8.5) == [ev]
 
 
-def test_pausing_the_partitions_ahead_keeps_a_skewed_drain_in_order_within_bounds() -> None:
-    """Three partitions over the same hour, 5,000 / 1,000 / 300 events: read in equal batches, the
-    sparse ones race ahead in event time; paused per ``to_pause``, nothing is forced out late."""
-    rng = random.Random(3)
-    streams = {s: sorted(rng.uniform(0, 3600) for _ in range(n)) for s, n in enumerate((5000, 1000, 300))}
+def _drain(
+    streams: dict[int, list[float]], max_held: int, silent_until: dict[int, int] | None = None
+) -> tuple[list[float], Aligner[float], int]:
+    """Read ``streams`` in batches of 100 per step (0.05 s), pausing per ``to_pause``; stream ``s``
+    delivers nothing before step ``silent_until[s]``. Returns what was released, the aligner and
+    the most partitions paused at once."""
+    silent_until = silent_until or {}
     at = dict.fromkeys(streams, 0)
     marks = dict.fromkeys(streams, -math.inf)
-    a: Aligner[float] = Aligner(sources=0, idle_after=3.0, max_held=800)
+    a: Aligner[float] = Aligner(sources=0, idle_after=3.0, max_held=max_held)
     paused: set[int] = set()
     out: list[float] = []
     wall, most_paused = 0.0, 0
-    for _ in range(10_000):
+    for step in range(10_000):
         if all(at[s] == len(v) for s, v in streams.items()) and not len(a):
             break
         for s, v in streams.items():
-            if s in paused or at[s] == len(v):
+            if s in paused or at[s] == len(v) or step < silent_until.get(s, 0):
                 continue
             batch = v[at[s] : at[s] + 100]
             at[s] += len(batch)
@@ -113,5 +115,24 @@ def test_pausing_the_partitions_ahead_keeps_a_skewed_drain_in_order_within_bound
         most_paused = max(most_paused, len(paused))
         wall += 0.05
     assert sorted(out) == sorted(t for v in streams.values() for t in v), "all of it, once (no stall)"
+    return out, a, most_paused
+
+
+def test_pausing_the_partitions_ahead_keeps_a_skewed_drain_in_order_within_bounds() -> None:
+    """Three partitions over the same hour, 5,000 / 1,000 / 300 events: read in equal batches, the
+    sparse ones race ahead in event time; paused per ``to_pause``, nothing is forced out late."""
+    rng = random.Random(3)
+    streams = {s: sorted(rng.uniform(0, 3600) for _ in range(n)) for s, n in enumerate((5000, 1000, 300))}
+    out, a, most_paused = _drain(streams, max_held=800)
     assert out == sorted(out) and a.forced == 0
     assert most_paused == 2, "the two sparse partitions had to wait"
+
+
+def test_partitions_wait_for_one_not_heard_yet_instead_of_forcing_events_out() -> None:
+    """A worker's first fetch brings two partitions; the third comes 2 s later (inside the grace),
+    while everything is held for it. The two pause rather than push the aligner past its bound."""
+    rng = random.Random(5)
+    streams = {s: sorted(rng.uniform(0, 3600) for _ in range(2000)) for s in range(3)}
+    out, a, most_paused = _drain(streams, max_held=800, silent_until={2: 40})
+    assert out == sorted(out) and a.forced == 0
+    assert most_paused == 2
