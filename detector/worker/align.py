@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections.abc import Hashable, Mapping, Set
+from collections.abc import Hashable, Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Generic, TypeVar
@@ -74,6 +74,10 @@ class Aligner(Generic[T]):
     def add(self, ts: float, item: T) -> None:
         """Hold one event (its source's watermark comes with :meth:`heard`)."""
         self.held.append((ts, item))
+
+    def add_all(self, items: Iterable[tuple[float, T]]) -> None:
+        """Hold ``(event time, event)`` pairs (a pack's)."""
+        self.held.extend(items)
 
     def heard(self, source: int, watermark: float, wall: float, sources: int | None = None) -> None:
         """``source`` has got to ``watermark`` in event time (with a pack, or a mark)."""

@@ -85,7 +85,7 @@ import pickle
 import ssl
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -189,6 +189,18 @@ class UsageHandler:
         """One valid event through the engine."""
         self.clock.saw_event(wall)
         self.last = ev
+        return self._apply(ev)
+
+    def apply_all(self, evs: Iterable[Usage], wall: float) -> Iterator[tuple[Usage, list[Alert] | Rejected]]:
+        """Valid events through the engine in order; yields those that raised alerts or made it fail."""
+        self.clock.saw_event(wall)
+        apply = self._apply
+        for ev in evs:
+            result = apply(ev)
+            if result:
+                yield ev, result
+
+    def _apply(self, ev: Usage) -> list[Alert] | Rejected:
         try:
             alerts = self.engine.process(ev)
         except Exception as error:  # a bug must not stop the stream; the event is kept in the DLQ
@@ -196,7 +208,7 @@ class UsageHandler:
             self.stats.rejected += 1
             return Rejected(f"engine error: {type(error).__name__}: {error}")
         self.stats.events += 1
-        return self._count(alerts)
+        return self._count(alerts) if alerts else alerts
 
     def idle_tick(self, wall: float) -> list[Alert] | None:
         """Advance event time over a quiet stream (see :mod:`detector.worker.clock`); None: not due."""
@@ -594,21 +606,23 @@ class Runtime:
             return 0
         stream = f"{usage_partition}:{r.key.decode()}"  # packs of one team from one usage partition
         seen = part.sources.get(stream, -1)
-        handler, new = part.handler, 0
+        decode, new = part.handler.decode, 0
+        held: list[tuple[float, Usage]] = []
         try:
             for offset, raw in unpack(r.value):
                 if offset <= seen:
                     self.stats.duplicates += 1
                     continue
                 seen, new = offset, new + 1
-                ev = handler.decode(raw)
+                ev = decode(raw)
                 if isinstance(ev, Rejected):
                     where = (self.k.usage_topic, usage_partition, offset)
                     pending.append(await self.dead_letter(r.key, raw, *where, ev.reason))
                     continue
-                aligner.add(ev.timestamp.timestamp(), ev)
+                held.append((ev.timestamp.timestamp(), ev))
         except ValueError as error:
             pending.append(await self.dead_letter(r.key, r.value, r.topic, r.partition, r.offset, str(error)))
+        aligner.add_all(held)
         part.sources[stream] = seen
         aligner.heard(usage_partition, watermark, wall, total)
         return new
@@ -617,9 +631,7 @@ class Runtime:
         """By-team: the events every live usage partition has passed, through the engine in event-time order."""
         assert part.aligner is not None
         due = part.aligner.release(wall)
-        handler = part.handler
-        for ev in due:
-            result = handler.apply(ev, wall)
+        for ev, result in part.handler.apply_all(due, wall):
             if isinstance(result, Rejected):  # the engine failed on it: keep it in the DLQ
                 raw = encode_usage(ev)
                 pending.append(await self.dead_letter(None, raw, self.topic, part.number, offset, result.reason))
