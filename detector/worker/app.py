@@ -169,7 +169,6 @@ class UsageHandler:
         self.engine = engine
         self.clock = clock
         self.stats = stats if stats is not None else WorkerStats()
-        self.last: Usage | None = None  # the last valid event handled
 
     def handle(self, raw: bytes | None, wall: float) -> list[Alert] | Rejected:
         ev = self.decode(raw)
@@ -188,19 +187,19 @@ class UsageHandler:
     def apply(self, ev: Usage, wall: float) -> list[Alert] | Rejected:
         """One valid event through the engine."""
         self.clock.saw_event(wall)
-        self.last = ev
-        return self._apply(ev)
+        return self.judge(ev)
 
     def apply_all(self, evs: Iterable[Usage], wall: float) -> Iterator[tuple[Usage, list[Alert] | Rejected]]:
         """Valid events through the engine in order; yields those that raised alerts or made it fail."""
         self.clock.saw_event(wall)
-        apply = self._apply
+        judge = self.judge
         for ev in evs:
-            result = apply(ev)
+            result = judge(ev)
             if result:
                 yield ev, result
 
-    def _apply(self, ev: Usage) -> list[Alert] | Rejected:
+    def judge(self, ev: Usage) -> list[Alert] | Rejected:
+        """:meth:`apply` without telling the idle clock (the caller tells it once for a batch)."""
         try:
             alerts = self.engine.process(ev)
         except Exception as error:  # a bug must not stop the stream; the event is kept in the DLQ
@@ -551,20 +550,22 @@ class Runtime:
         handler = part.handler
         before = handler.engine.stats.watermark  # what this partition had passed when the batch began
         packs: dict[str, list[tuple[int, bytes]]] = {}
-        feed = self.feed
+        feed, forward, engine = self.feed, self.forward is not None, handler.engine
+        decode, judge = handler.decode, handler.judge
+        handler.clock.saw_event(wall)
         for r in records:
-            result = handler.handle(r.value, wall)
+            ev = decode(r.value)
+            result = ev if isinstance(ev, Rejected) else judge(ev)
             if isinstance(result, Rejected):
                 pending.append(await self.dead_letter(r.key, r.value, r.topic, r.partition, r.offset, result.reason))
                 continue
+            ev = cast(Usage, ev)  # judged, so valid
             if feed is not None:
-                assert handler.last is not None
-                feed.observe_event(handler.last, handler.engine.last_cost)
+                feed.observe_event(ev, engine.last_cost)
             if result:
                 pending.extend(await self.publish(part, result, r.offset))
-            if self.forward is not None:
-                assert handler.last is not None
-                packs.setdefault(handler.last.team, []).append((r.offset, r.value))
+            if forward:
+                packs.setdefault(ev.team, []).append((r.offset, r.value))
         if self.forward is not None:
             where = source_headers(self.topic, part.number, records[-1].offset)
             total = (SOURCES_HEADER, str(self.sources_total).encode())
