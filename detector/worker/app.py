@@ -402,21 +402,30 @@ class Runtime:
         return size
 
     async def save_all(self, why: str) -> None:
-        """Snapshot every changed partition, one log line for the round."""
-        async with self.lock:
-            await self.settle()
-            t0 = time.perf_counter()
-            batch = [p for p in self.parts.values() if p.dirty]
-            if batch:
-                size = await self.save(batch)
-                log.info(
-                    "stormwatch: snapshot (%s) of %spartitions %s: %d bytes in %.3f s",
-                    why,
-                    self.label,
-                    " ".join(f"{p.number}@{p.offset}" for p in batch),
-                    size,
-                    time.perf_counter() - t0,
-                )
+        """Snapshot every changed partition, one log line for the round.
+
+        One partition at a time, each under the lock: pickling a big engine takes tens of
+        milliseconds, and batches of the other partitions go on in between rather than wait for
+        the whole round (8 partitions of a 1,000-key fleet held them up ~0.3 s).
+        """
+        t0 = time.perf_counter()
+        saved, size = [], 0
+        for number in sorted(self.parts):
+            async with self.lock:
+                part = self.parts.get(number)
+                if part is None or not part.dirty:
+                    continue
+                size += await self.save([part])
+                saved.append(f"{part.number}@{part.offset}")
+        if saved:
+            log.info(
+                "stormwatch: snapshot (%s) of %spartitions %s: %d bytes in %.3f s",
+                why,
+                self.label,
+                " ".join(saved),
+                size,
+                time.perf_counter() - t0,
+            )
 
     async def restore(self, numbers: Sequence[int]) -> None:
         """Engines for newly assigned partitions: from their newest snapshot, or new (under the lock)."""
