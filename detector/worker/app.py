@@ -172,7 +172,10 @@ class UsageHandler:
 
     def handle(self, raw: bytes | None, wall: float) -> list[Alert] | Rejected:
         ev = self.decode(raw)
-        return ev if isinstance(ev, Rejected) else self.apply(ev, wall)
+        if isinstance(ev, Rejected):
+            return ev
+        self.clock.saw_event(wall)
+        return self.judge(ev)
 
     def decode(self, raw: bytes | None) -> Usage | Rejected:
         if raw is None:
@@ -184,11 +187,6 @@ class UsageHandler:
             self.stats.rejected += 1
             return Rejected(explain(error))
 
-    def apply(self, ev: Usage, wall: float) -> list[Alert] | Rejected:
-        """One valid event through the engine."""
-        self.clock.saw_event(wall)
-        return self.judge(ev)
-
     def apply_all(self, evs: Iterable[Usage], wall: float) -> Iterator[tuple[Usage, list[Alert] | Rejected]]:
         """Valid events through the engine in order; yields those that raised alerts or made it fail."""
         self.clock.saw_event(wall)
@@ -199,7 +197,7 @@ class UsageHandler:
                 yield ev, result
 
     def judge(self, ev: Usage) -> list[Alert] | Rejected:
-        """:meth:`apply` without telling the idle clock (the caller tells it once for a batch)."""
+        """One valid event through the engine, without telling the idle clock (the caller tells it once a batch)."""
         try:
             alerts = self.engine.process(ev)
         except Exception as error:  # a bug must not stop the stream; the event is kept in the DLQ
