@@ -190,6 +190,30 @@ class Engine:
                 det.pin(entity, False)
         self._pinned = wanted
 
+    def adopt(self, old: Engine) -> Engine:
+        """Carry on from ``old`` (restored from a snapshot) with this engine's parameters; returns self.
+
+        What was learned (baselines, open incidents, counters, event time) comes from ``old``;
+        thresholds, budgets, prices and which detectors run come from the settings this engine
+        was built with, so a raised budget or a new threshold takes effect on restart instead of
+        living on in the snapshot. A detector new to the settings starts learning; one dropped
+        from them is gone, and its open incidents resolve once quiet.
+        """
+        self.book, self.stats, self.last_cost = old.book, old.stats, old.last_cost
+        self._next_tick, self._next_evict = old._next_tick, old._next_evict
+        was = {det.name: (det, due) for det, due in zip(old.detectors, old._due, strict=True)}
+        started = self._next_tick != math.inf
+        for i, det in enumerate(self.detectors):
+            prior, due = was.get(det.name, (None, math.inf))
+            if prior is not None:
+                det.adopt(prior)
+            if started and (prior is None or prior.interval != det.interval):
+                due = math.floor(self.stats.watermark / det.interval) * det.interval + det.interval
+            self._due[i] = due
+        self._pinned = set()
+        self._sync_pins()  # the stores kept their pins; a store new to the settings gets them here
+        return self
+
     def entity_count(self) -> int:
         return sum(det.entity_count() for det in self.detectors)
 
@@ -199,6 +223,7 @@ class Engine:
 
     @staticmethod
     def restore(blob: bytes) -> Engine:
+        """The engine a snapshot holds, parameters included: see :meth:`adopt` to run it with new ones."""
         version, engine = pickle.loads(blob)
         if version != SNAPSHOT_VERSION or not isinstance(engine, Engine):
             raise ValueError(f"snapshot version {version} is not {SNAPSHOT_VERSION}")

@@ -106,3 +106,9 @@ class EntityStore(Generic[S]):
 
     def items(self) -> Iterator[tuple[str, S]]:
         return iter(self._items.items())
+
+    def take(self, old: EntityStore[S]) -> None:
+        """Hold ``old``'s entities (a restored snapshot's) under this store's own TTL and size bound."""
+        self._items, self._touched, self.pinned, self.evicted = old._items, old._touched, old.pinned, old.evicted
+        while len(self._items) > self.max_entities:
+            self._drop_oldest()

@@ -161,6 +161,10 @@ class AgentLoop(EntityStores):
         self._stores = {"session": self.sessions, "agent": self.norms}
         self._looping: set[str] = set()
 
+    def adopt(self, old: AgentLoop) -> None:
+        self._take_stores(old)
+        self._looping = old._looping
+
     def observe(self, ev: Usage, ts: float, cost: float) -> None:
         sid = ev.session_id
         if sid is None:

@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 from detector.events import AlertKind, Contributor, DetectorRef, Entity, EntityType, Evidence, Severity, Usage
 from detector.state import EntityStore
@@ -60,6 +60,10 @@ class Detector(Protocol):
 
     def entity_count(self) -> int: ...
 
+    def adopt(self, old: Self) -> None:
+        """Take over what ``old`` (the same detector, restored from a snapshot) learned; keep own parameters."""
+        ...
+
 
 KEY_FIELDS: dict[EntityType, str] = {
     "team": "team",
@@ -92,6 +96,13 @@ class EntityStores:
 
     def entity_count(self) -> int:
         return sum(len(s) for s in self._stores.values())
+
+    def _take_stores(self, old: EntityStores) -> None:
+        """Each store takes the entities of ``old``'s store of its type; types no longer judged are dropped."""
+        for etype, store in self._stores.items():
+            was = old._stores.get(etype)
+            if was is not None:
+                store.take(was)
 
 
 def top_contributors(

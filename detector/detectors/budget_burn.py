@@ -74,6 +74,10 @@ class BudgetBurn:
         self._ref = DetectorRef(name=self.name, version=self.version)
         self.teams: dict[str, TeamSpend] = {}
 
+    def adopt(self, old: BudgetBurn) -> None:
+        # Month-to-date spend carries over; a team whose budget was removed is no longer judged.
+        self.teams = {team: st for team, st in old.teams.items() if team in self.budgets}
+
     def observe(self, ev: Usage, ts: float, cost: float) -> None:
         st = self.teams.get(ev.team)
         if st is None:

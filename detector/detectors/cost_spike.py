@@ -37,7 +37,7 @@ from typing import ClassVar
 
 from detector.detectors.base import EntityStores, Finding, keyed_stores, top_contributors, usd
 from detector.events import AlertKind, Contributor, DetectorRef, Entity, EntityType, Evidence, Severity, Usage
-from detector.models import DAY, HOUR, GatedLevel, LogBaseline, SeasonalProfile, SlotRing
+from detector.models import DAY, HOUR, GatedLevel, LogBaseline, SeasonalProfile, SlotRing, alpha_for_half_life
 from detector.state import EntityStore
 
 SLOT = 10.0
@@ -201,9 +201,20 @@ class CostSpike(EntityStores):
         self._teams: dict[tuple[EntityType, str], str] = {}
         self._dirty: list[tuple[EntityType, str, SpendRing]] = []  # seen since the last evaluate
 
+    def _gate(self) -> tuple[float, float, float, float]:
+        return (self.level_ratio, self.sustained_ratio, self.level_sigmas, self.learn_seconds)
+
     def _new(self, entity_type: EntityType, key: str, now: float) -> SpendRing:
-        gate = (self.level_ratio, self.sustained_ratio, self.level_sigmas, self.learn_seconds)
-        return SpendRing(entity_type, now, self.level_half_life_min, gate)
+        return SpendRing(entity_type, now, self.level_half_life_min, self._gate())
+
+    def adopt(self, old: CostSpike) -> None:
+        self._take_stores(old)
+        gate, alpha = self._gate(), alpha_for_half_life(self.level_half_life_min)
+        for store in self._stores.values():
+            for _, st in store.items():
+                st.gate, st.level.alpha = gate, alpha
+        self._teams = {ident: team for ident, team in old._teams.items() if ident[0] in self._stores}
+        self._dirty = [d for d in old._dirty if d[0] in self._stores]
 
     def observe(self, ev: Usage, ts: float, cost: float) -> None:
         slot = int(ts // SLOT)

@@ -127,6 +127,10 @@ class RetryStorm(EntityStores):
         self._keyed = keyed_stores(self._stores)
         self._dirty: set[tuple[EntityType, str]] = set()
 
+    def adopt(self, old: RetryStorm) -> None:
+        self._take_stores(old)
+        self._dirty = {d for d in old._dirty if d[0] in self._stores}
+
     def observe(self, ev: Usage, ts: float, cost: float) -> None:
         slot = int(ts // SLOT)
         failed = ev.status is not Status.OK

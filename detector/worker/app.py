@@ -440,7 +440,7 @@ class Runtime:
                 continue
             aligner: Aligner[Usage] | None = None
             try:
-                engine = Engine.restore(snap.engine)
+                engine = self.make_engine().adopt(Engine.restore(snap.engine))
                 if snap.held:
                     aligner = pickle.loads(snap.held)
                     assert aligner is not None

@@ -44,6 +44,34 @@ def test_snapshot_restore_mid_stream_gives_the_same_alerts() -> None:
     first = run(engine, events[:cut])
     restored = Engine.restore(engine.snapshot())
     assert first + run(restored, events[cut:]) == whole
+    adopted = Engine.default().adopt(Engine.restore(engine.snapshot()))  # as the worker restores
+    assert first + run(adopted, events[cut:]) == whole
+
+
+def test_a_restored_engine_judges_by_the_settings_of_now_with_what_it_learned_before() -> None:
+    events, cut = stream(), 3300  # the storm has fired; a tiny budget has been burning since the start
+    before = Settings.model_validate({"teams": {"search": {"monthly_budget_usd": 5}}})
+    engine = Engine.from_settings(before)
+    first = run(engine, events[:cut])
+    assert [a.split(":")[:2] for a in first].count(["budget_burn", "firing"]) == 1
+    snap = engine.snapshot()
+    assert not any(a.startswith("budget_burn:resolved") for a in run(Engine.restore(snap), events[cut:]))
+
+    now = Settings.model_validate(
+        {
+            "teams": {"search": {"monthly_budget_usd": 50_000}},  # FinOps raised the budget
+            "detectors": {"retry_storm": {"rate_ratio": 6.0}, "cost_spike": {"entity_types": ["api_key", "user"]}},
+        }
+    )
+    restored = Engine.from_settings(now).adopt(Engine.restore(snap))
+    storm, spike = restored.detectors[1], restored.detectors[0]
+    assert storm.rate_ratio == 6.0  # type: ignore[attr-defined]
+    assert storm.entity_count() == engine.detectors[1].entity_count() > 0  # its baselines came along
+    assert sorted(spike._stores) == ["api_key", "user"] and len(spike._stores["user"]) == 0  # type: ignore[attr-defined]
+    assert restored.stats.events == cut
+    rest = run(restored, events[cut:])
+    assert [a.split(":")[:2] for a in rest] == [["retry_storm", "resolved"], ["budget_burn", "resolved"]]
+    assert rest[0] == run(Engine.restore(snap), events[cut:])[0]  # the same incident, not a new one
 
 
 def test_cost_comes_from_the_catalog_when_absent_and_unknown_models_are_counted() -> None:

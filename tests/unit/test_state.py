@@ -35,3 +35,14 @@ def test_store_pickles_with_its_state() -> None:
     store.get("a", 5.0)
     copy = pickle.loads(pickle.dumps(store))
     assert copy.peek("a") == [5.0]
+
+
+def test_a_store_takes_a_restored_stores_entities_under_its_own_bounds() -> None:
+    old: EntityStore[list[float]] = EntityStore(_new, ttl=1e9, max_entities=10, touch_every=0.0)
+    for i, key in enumerate("abcd"):
+        old.get(key, float(i))
+    old.pinned.add("a")
+    store: EntityStore[list[float]] = EntityStore(_new, ttl=5.0, max_entities=3, touch_every=0.0)
+    store.take(pickle.loads(pickle.dumps(old)))
+    assert list(store) == ["a", "c", "d"] and store.peek("c") == [2.0]  # "b" is over the new bound; "a" is pinned
+    assert store.evict(now=7.5) == 1 and sorted(store) == ["a", "d"]  # by the new TTL
