@@ -291,7 +291,7 @@ def _live_feed() -> Feed:
 
 def _serve(feed: Feed, settings: Settings, alerts: Sequence[Alert], console: Console) -> None:
     """The dashboard over a finished replay, until Ctrl-C: breakers as the [alerting] policy set them."""
-    from detector.web import LocalBreakerControl, LocalFeedback, bound_port, create_web_app, serve
+    from detector.web import LocalBreakerControl, LocalFeedback, answers_to, bound_port, create_web_app, serve
 
     policy = Dispatcher(settings, dry_run=True, echo=lambda line: None, on_change=feed.observe_breaker)
 
@@ -307,6 +307,7 @@ def _serve(feed: Feed, settings: Settings, alerts: Sequence[Alert], console: Con
             breaker_control=LocalBreakerControl(feed.view),
             feedback_sink=LocalFeedback(),
             api_token=token,
+            allowed_hosts=answers_to(w.host, w.allowed_hosts),
         )
         runner = await serve(app, w.host, w.port)
         access = "changes need the bearer token" if token else "read-only: set STORMWATCH_WEB__API_TOKEN for changes"

@@ -73,6 +73,11 @@ class WebSettings(BaseModel):
 
     host: str = Field(default="127.0.0.1", description="Listen address; loopback unless you put a proxy in front.")
     port: int = Field(default=8080, ge=0, le=65535, description="Listen port (0: any free port).")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names the server answers to, a guard against DNS rebinding; others get 421. "
+        'Empty: localhost, 127.0.0.1 and ::1 when listening on loopback, any otherwise; ["*"]: any.',
+    )
     api_token: SecretStr | None = Field(
         default=None,
         description="Bearer token for changes (breakers, feedback); unset: the API is read-only. "

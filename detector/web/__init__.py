@@ -27,7 +27,7 @@ from detector.web.control import (
 )
 from detector.web.feed import Feed, build_view_from_replay, event_cost, replay_into
 from detector.web.metrics import Metrics
-from detector.web.server import BackgroundServer, bound_port, create_web_app, serve
+from detector.web.server import BackgroundServer, answers_to, bound_port, create_web_app, serve
 from detector.web.view import LiveView, ViewLimits
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "LocalFeedback",
     "Metrics",
     "ViewLimits",
+    "answers_to",
     "bound_port",
     "build_view_from_replay",
     "create_web_app",

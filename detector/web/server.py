@@ -26,6 +26,14 @@ Routes (all JSON unless said):
 
 Changes (the two POSTs) need ``Authorization: Bearer <api_token>``: 401 without it, 403 with a
 wrong one, and 403 for everyone when no token is configured (read-only).
+
+A request whose ``Host`` is not one of ``allowed_hosts`` gets 421 (but for the probes): a web page
+elsewhere cannot point a DNS name of its own at 127.0.0.1 and read the dashboard through it.
+
+>>> sorted(answers_to("127.0.0.1", [])), answers_to("0.0.0.0", []), answers_to("::1", ["*"])
+(['127.0.0.1', '::1', 'localhost'], None, None)
+>>> host_name("[::1]:8080"), host_name("Dash.Example.com:443"), host_name("")
+('::1', 'dash.example.com', '')
 """
 
 from __future__ import annotations
@@ -33,14 +41,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import logging
 import math
 import threading
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -62,6 +72,9 @@ DEFAULT_SILENCE_SECONDS: Final = {"real": 0.0, "false_alarm": 86400.0, "planned"
 #: The text exposition format every Prometheus version parses (our names are all plain ASCII).
 METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
+LOOPBACK_NAMES: Final = frozenset({"localhost", "127.0.0.1", "::1"})
+PROBES: Final = frozenset({"/healthz", "/readyz"})  # a kubelet probes by pod IP, whatever the settings
+
 CSP: Final = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "font-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'"
@@ -81,6 +94,7 @@ class _Config:
         ready: Callable[[], bool],
         push_interval: float,
         heartbeat_seconds: float,
+        allowed_hosts: Collection[str] | None,
     ) -> None:
         self.view = view
         self.metrics = metrics
@@ -90,6 +104,7 @@ class _Config:
         self.ready = ready
         self.push_interval = push_interval
         self.heartbeat_seconds = heartbeat_seconds
+        self.allowed_hosts = allowed_hosts
         self.streams: set[asyncio.Event] = set()
         self.closing = False
 
@@ -104,6 +119,28 @@ class _Config:
 CONFIG: Final = web.AppKey("stormwatch_web", _Config)
 
 
+def answers_to(listen_host: str, allowed: Iterable[str]) -> frozenset[str] | None:
+    """The host names a server on ``listen_host`` answers to (``None``: any), from ``[web] allowed_hosts``."""
+    names = frozenset(name.lower().strip("[]") for name in allowed)
+    if "*" in names:
+        return None
+    if names:
+        return names
+    try:
+        loopback = listen_host == "localhost" or ipaddress.ip_address(listen_host).is_loopback
+    except ValueError:
+        loopback = False
+    return LOOPBACK_NAMES if loopback else None
+
+
+def host_name(host: str) -> str:
+    """The name in a ``Host`` header, without its port, lower-cased ("" when it has none)."""
+    try:
+        return (urlsplit("//" + host).hostname or "").lower()
+    except ValueError:  # e.g. an unclosed "[": no name of ours
+        return ""
+
+
 def create_web_app(
     view: LiveView,
     metrics: Metrics | None = None,
@@ -114,13 +151,15 @@ def create_web_app(
     ready: Callable[[], bool] | None = None,
     push_interval: float = 0.5,
     heartbeat_seconds: float = 15.0,
+    allowed_hosts: Collection[str] | None = None,
 ) -> web.Application:
     """The dashboard application. ``ready()`` answers ``/readyz`` (default: always ready).
 
     ``push_interval`` is the least time between two pushes of the live stream; changes in
     between are sent together. ``heartbeat_seconds`` keeps idle streams open through proxies.
+    ``allowed_hosts``: the ``Host`` names answered (see :func:`answers_to`); ``None``: any.
     """
-    app = web.Application(client_max_size=64 * 1024)
+    app = web.Application(client_max_size=64 * 1024, middlewares=[_check_host])
     app[CONFIG] = _Config(
         view,
         metrics,
@@ -130,6 +169,7 @@ def create_web_app(
         ready or (lambda: True),
         push_interval,
         heartbeat_seconds,
+        allowed_hosts,
     )
     app.on_response_prepare.append(_security_headers)
     app.on_shutdown.append(_close_streams)
@@ -292,6 +332,18 @@ def _text(body: dict[str, Any], key: str, default: str, limit: int) -> str:
     if len(value) > limit:
         raise ValueError(f"{key} is longer than {limit} characters")
     return value or default
+
+
+@web.middleware
+async def _check_host(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    allowed = request.app[CONFIG].allowed_hosts
+    if allowed is not None and request.path not in PROBES:
+        name = host_name(request.host)
+        if name not in allowed:
+            return _error(421, f"this server does not answer to host {name!r}: add it to [web] allowed_hosts")
+    return await handler(request)
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -21,7 +21,7 @@ from detector.breaker_cli import close_breaker, open_breaker
 from detector.enforce import BreakerFollower, BreakerTable
 from detector.events import BreakerChange, IncidentFeedback
 from detector.settings import Settings
-from detector.web import BreakerRequest, Feed, bound_port, create_web_app, serve
+from detector.web import BreakerRequest, Feed, answers_to, bound_port, create_web_app, serve
 from detector.worker.snapshots import client_options
 
 log = logging.getLogger("stormwatch.worker")
@@ -91,6 +91,7 @@ class WorkerWeb(mode.Service):
             feedback_sink=KafkaFeedback(s),
             api_token=token,
             ready=self.ready,
+            allowed_hosts=answers_to(s.web.host, s.web.allowed_hosts),
         )
         self.runner = await serve(app, s.web.host, k.web_port or 0)
         log.info("stormwatch: dashboard on http://%s:%d/", s.web.host, bound_port(self.runner))

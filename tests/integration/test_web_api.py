@@ -18,7 +18,7 @@ import pytest
 from detector.events import BreakerChange
 from detector.web.control import BreakerRefused, BreakerRequest, LocalBreakerControl, LocalFeedback
 from detector.web.metrics import Metrics
-from detector.web.server import BackgroundServer, create_web_app, serve
+from detector.web.server import BackgroundServer, answers_to, create_web_app, serve
 from detector.web.view import LiveView
 from tests.conftest import T0, make_event
 from tests.unit.test_web_view import make_alert
@@ -97,6 +97,34 @@ def test_listens_on_loopback_by_default(api: Api) -> None:
     assert api.server.url.startswith("http://127.0.0.1:")
     with socket.create_connection(("127.0.0.1", api.server.port), timeout=5):
         pass
+
+
+def _get_as(server: BackgroundServer, path: str, host: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Host": host})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_a_loopback_server_answers_only_to_loopback_names_against_dns_rebinding() -> None:
+    app = create_web_app(populated_view(), allowed_hosts=answers_to("127.0.0.1", []))
+    with BackgroundServer(app, port=0) as server:
+        port = server.port
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST"):
+            assert _get_as(server, "/api/state", host) == 200, host
+        for host in (f"rebind.attacker.example:{port}", "127.0.0.1.attacker.example", "[::1", ""):
+            assert _get_as(server, "/api/state", host) == 421, host
+        assert _get_as(server, "/", "rebind.attacker.example") == 421
+        assert _get_as(server, "/healthz", "10.0.0.7:8080") == 200  # probes come by pod IP
+    proxied = create_web_app(LiveView(), allowed_hosts=answers_to("0.0.0.0", ["Dash.Example.com"]))
+    with BackgroundServer(proxied, port=0) as server:
+        assert _get_as(server, "/api/state", "dash.example.com") == 200
+        assert _get_as(server, "/api/state", f"127.0.0.1:{server.port}") == 421
+    assert answers_to("0.0.0.0", []) is None and answers_to("127.0.0.1", ["*"]) is None
 
 
 def test_health_and_readiness() -> None:
