@@ -2,8 +2,8 @@
 
 Commands: ``replay`` (events file through the engine), ``simulate`` (labelled synthetic fleet
 traffic), ``evaluate`` (score alerts against labels), ``demo`` (the two put together),
-``bench`` (throughput and memory), ``worker`` (the Kafka worker), ``scorecard`` (several seeds, the README table) and
-``schemas`` (write or check ``schemas/``).
+``bench`` (throughput and memory), ``worker`` (the Kafka worker), ``scorecard`` (several seeds, the README table),
+``config`` (the settings in effect) and ``schemas`` (write or check ``schemas/``).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from rich.table import Table
 from detector import __version__, breaker_cli
 from detector.alerting.dispatch import Dispatcher
 from detector.engine import Engine
-from detector.events import CONTRACTS, Alert, FeedbackLabel, IncidentFeedback, IncidentLabel
+from detector.events import Alert, FeedbackLabel, IncidentFeedback, IncidentLabel
 from detector.replay import Reject, ReplayResult, open_events, replay
-from detector.settings import Settings, load_settings
+from detector.settings import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
     from detector.web import Feed
@@ -42,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.run(args)
     except BrokenPipeError:  # `detector replay ... | head`
         return 0
+    except ConfigError as e:
+        print(f"detector: {e}", file=sys.stderr)
+        return 2
     return code
 
 
@@ -140,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--silence", default=None, help="how long the pattern stays quiet, e.g. 12h (default: config)")
     _config_arg(p)
     p.set_defaults(run=_feedback)
+
+    p = sub.add_parser(
+        "config", help="check the settings (file and STORMWATCH_* variables); print them in effect, secrets masked"
+    )
+    _config_arg(p)
+    p.set_defaults(run=_config)
 
     p = sub.add_parser("schemas", help="write or check the JSON Schemas in schemas/")
     p.add_argument("--dir", type=Path, default=Path("schemas"))
@@ -536,6 +545,13 @@ def _feedback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace) -> int:
+    """Every setting in effect, defaults included, as JSON; a wrong one exits 2 (see :func:`main`)."""
+    settings = _settings(args.config)
+    sys.stdout.buffer.write(orjson.dumps(settings.model_dump(mode="json"), option=orjson.OPT_INDENT_2) + b"\n")
+    return 0
+
+
 def _schemas(args: argparse.Namespace) -> int:
     from detector import schemas
 
@@ -548,7 +564,7 @@ def _schemas(args: argparse.Namespace) -> int:
         for path in schemas.write(args.dir):
             print(path)
         return 0
-    for name in CONTRACTS:
+    for name in schemas.FILES:
         print(schemas.render(name))
     return 0
 

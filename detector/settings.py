@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml  # type: ignore[import-untyped]
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, create_model, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from detector.alerting.policy import AlertingSettings
@@ -135,13 +135,52 @@ class Settings(BaseSettings):
         return {t: s.monthly_budget_usd for t, s in self.teams.items() if s.monthly_budget_usd is not None}
 
 
+class ConfigError(ValueError):
+    """Settings that cannot be used: an unreadable file, or fields (all of them named) with wrong values."""
+
+
 def load_settings(path: Path | None = None) -> Settings:
-    """Settings from a TOML or YAML file (optional) overlaid by the environment."""
+    """Settings from a TOML or YAML file (optional) overlaid by the environment.
+
+    >>> import os
+    >>> os.environ["STORMWATCH_WEB__PORT"] = "99999"
+    >>> load_settings()
+    Traceback (most recent call last):
+    ...
+    detector.settings.ConfigError: settings (STORMWATCH_* variables): 1 wrong field
+      web.port: Input should be less than or equal to 65535 (got 99999)
+    >>> del os.environ["STORMWATCH_WEB__PORT"]
+    """
+    where = f"{path} and STORMWATCH_* variables" if path is not None else "STORMWATCH_* variables"
     data: dict[str, Any] = {}
     if path is not None:
-        if path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(path.read_text()) or {}
-        else:
-            with path.open("rb") as fh:
-                data = tomllib.load(fh)
-    return Settings(**data)
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                data = yaml.safe_load(path.read_text()) or {}
+            else:
+                with path.open("rb") as fh:
+                    data = tomllib.load(fh)
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror or e}") from None
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"config file {path} does not parse: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected tables of settings, found {type(data).__name__}")
+    try:
+        return Settings(**data)
+    except ValidationError as e:
+        raise ConfigError(f"settings ({where}): {_wrong_fields(e)}") from None
+
+
+def _wrong_fields(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors(include_url=False):
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        given = item.get("input")
+        secret = any(word in field.lower() for word in ("token", "password", "secret", "signing"))
+        shown = ""
+        if isinstance(given, int | float | bool | str) and not secret:  # a secret's value is never echoed
+            shown = f" (got {str(given)[:60]})"
+        lines.append(f"  {field}: {item['msg']}{shown}")
+    count = len(lines)
+    return f"{count} wrong field{'s' if count > 1 else ''}\n" + "\n".join(lines)

@@ -55,7 +55,7 @@ def _seconds(value: float | str) -> float:
     return parse_duration(value) if isinstance(value, str) else float(value)
 
 
-Seconds = Annotated[float, BeforeValidator(_seconds)]  # 900, or "15m", "1h30m"
+Seconds = Annotated[float, BeforeValidator(_seconds, json_schema_input_type=float | str)]  # 900, or "15m", "1h30m"
 
 
 class Rule(BaseModel):
