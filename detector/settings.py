@@ -175,12 +175,14 @@ def load_settings(path: Path | None = None) -> Settings:
 def _wrong_fields(error: ValidationError) -> str:
     lines = []
     for item in error.errors(include_url=False):
-        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        field = ".".join(str(part) for part in item["loc"])
+        # Our own validators' messages name their fields already ("Value error, " adds nothing).
+        message = str(item["ctx"]["error"]) if item["type"] == "value_error" else item["msg"]
         given = item.get("input")
         secret = any(word in field.lower() for word in ("token", "password", "secret", "signing"))
         shown = ""
         if isinstance(given, int | float | bool | str) and not secret:  # a secret's value is never echoed
             shown = f" (got {str(given)[:60]})"
-        lines.append(f"  {field}: {item['msg']}{shown}")
+        lines.append(f"  {field}: {message}{shown}" if field else f"  {message}")
     count = len(lines)
     return f"{count} wrong field{'s' if count > 1 else ''}\n" + "\n".join(lines)

@@ -29,7 +29,7 @@ from detector.events import (
     Severity,
     utc_from_epoch,
 )
-from detector.settings import Settings, load_settings
+from detector.settings import ConfigError, Settings, load_settings
 from tests.conftest import T0
 
 OPEN, HALF_OPEN, CLOSED = BreakerState.OPEN, BreakerState.HALF_OPEN, BreakerState.CLOSED
@@ -444,7 +444,9 @@ def test_a_yaml_config_loads_the_same_as_toml(tmp_path: Path, suffix: str) -> No
 @pytest.mark.usefixtures("no_env")
 def test_a_yaml_config_is_validated_like_toml(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text(YAML.replace("webhooks: [gw]", "webhooks: [gw, pager]"))
-    with pytest.raises(ValidationError, match=r"teams\.search\.webhooks: no \[alerting\.webhooks\.pager\]"):
+    with pytest.raises(
+        ConfigError, match=r"1 wrong field\n  teams\.search\.webhooks: no \[alerting\.webhooks\.pager\]"
+    ):
         load_settings(tmp_path / "bad.yaml")
 
 
