@@ -18,6 +18,7 @@ No I/O and no wall clock, so the same events always give the same alerts.
 
 from __future__ import annotations
 
+import inspect
 import math
 import pickle
 from collections import Counter, defaultdict
@@ -213,6 +214,29 @@ class Engine:
         self._pinned = set()
         self._sync_pins()  # the stores kept their pins; a store new to the settings gets them here
         return self
+
+    def differences(self, old: Engine) -> list[str]:
+        """What this engine's parameters change from ``old``'s, one ``detector.param: before -> after`` each.
+
+        For the log of a worker that restores a snapshot: it says which new settings took effect.
+        """
+        changes = []
+        if old.tick_seconds != self.tick_seconds:
+            changes.append(f"tick_seconds: {old.tick_seconds} -> {self.tick_seconds}")
+        was = {det.name: det for det in old.detectors}
+        now = {det.name: det for det in self.detectors}
+        changes += [f"{name}: no longer run" for name in sorted(was.keys() - now.keys())]
+        changes += [f"{name}: new" for name in sorted(now.keys() - was.keys())]
+        for name in sorted(now.keys() & was.keys()):
+            for param in list(inspect.signature(type(now[name]).__init__).parameters)[1:]:
+                before, after = getattr(was[name], param, None), getattr(now[name], param, None)
+                if isinstance(before, dict) and isinstance(after, dict):  # e.g. budgets: only the keys that changed
+                    for key in sorted(before.keys() | after.keys()):
+                        if before.get(key) != after.get(key):
+                            changes.append(f"{name}.{param}[{key}]: {before.get(key)} -> {after.get(key)}")
+                elif before != after:
+                    changes.append(f"{name}.{param}: {before} -> {after}")
+        return changes
 
     def entity_count(self) -> int:
         return sum(det.entity_count() for det in self.detectors)

@@ -151,6 +151,8 @@ class AgentLoop(EntityStores):
         self.min_agent_sessions = min_agent_sessions
         self.session_idle = session_idle
         self.max_sessions = max_sessions
+        self.agent_ttl = agent_ttl
+        self.max_agents = max_agents
         self.interval = interval
         self._ref = DetectorRef(name=self.name, version=self.version)
         self.sessions: EntityStore[Session] = EntityStore(

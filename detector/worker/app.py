@@ -440,7 +440,15 @@ class Runtime:
                 continue
             aligner: Aligner[Usage] | None = None
             try:
-                engine = self.make_engine().adopt(Engine.restore(snap.engine))
+                restored, engine = Engine.restore(snap.engine), self.make_engine()
+                if changed := engine.differences(restored):
+                    log.info(
+                        "stormwatch: %spartition %d judges by settings changed since its snapshot: %s",
+                        self.label,
+                        n,
+                        "; ".join(changed),
+                    )
+                engine.adopt(restored)
                 if snap.held:
                     aligner = pickle.loads(snap.held)
                     assert aligner is not None

@@ -45,11 +45,11 @@ class Workers:
         self.topics = topics
         self.running: list[WorkerProcess] = []
 
-    def start(self, **kafka: object) -> WorkerProcess:
+    def start(self, more_env: dict[str, str] | None = None, **kafka: object) -> WorkerProcess:
         env = self.topics.worker_env(
             self.bootstrap, self.tmp_path / f"faust-data-{len(self.running)}", state_topic=self.state_topic, **kafka
         )
-        self.running.append(WorkerProcess(env, cwd=self.tmp_path))
+        self.running.append(WorkerProcess(env | (more_env or {}), cwd=self.tmp_path))
         return self.running[-1]
 
     @property
@@ -102,7 +102,10 @@ def events_processed(worker: WorkerProcess) -> int:
 
 
 def test_restart_keeps_what_was_learned(kafka_bootstrap: str, topics: Topics, workers: Workers) -> None:
-    """A learns an hour of a key, stops (SIGTERM); B restores A's engine and fires on the storm at once."""
+    """A learns an hour of a key, stops (SIGTERM); B restores A's engine and fires on the storm at once.
+
+    B runs with a changed setting: it takes effect (and is logged), and what A learned still holds.
+    """
     normal, storm = normal_hour(T0), retry_storm(T0 + 3600)
     expected = first_firing(normal + storm)
 
@@ -117,7 +120,9 @@ def test_restart_keeps_what_was_learned(kafka_bootstrap: str, topics: Topics, wo
         assert await asyncio.to_thread(a.stop) == 0
         assert not [line for line in a.lines if "retry_storm" in line]
 
-        b = workers.start(idle_advance_after_seconds=600)
+        b = workers.start({"STORMWATCH_DETECTORS__COST_SPIKE__UNIT_RATIO": "6"}, idle_advance_after_seconds=600)
+        changed = await b.await_line(r"partition \d+ judges by settings changed since its snapshot: (.*?)\s*$", 30)
+        assert changed[1] == "cost_spike.unit_ratio: 5.0 -> 6.0"
         restored = await b.await_line(r"restored partition (\d+) from snapshot at offset (\d+) \((\d+) events", 30)
         await b.await_line(r"stormwatch: resuming", timeout=30)
         await produce(kafka_bootstrap, topics.usage, map(record, storm))

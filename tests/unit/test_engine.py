@@ -63,7 +63,14 @@ def test_a_restored_engine_judges_by_the_settings_of_now_with_what_it_learned_be
             "detectors": {"retry_storm": {"rate_ratio": 6.0}, "cost_spike": {"entity_types": ["api_key", "user"]}},
         }
     )
-    restored = Engine.from_settings(now).adopt(Engine.restore(snap))
+    restored = Engine.from_settings(now)
+    assert restored.differences(Engine.restore(snap)) == [
+        "budget_burn.budgets[search]: 5.0 -> 50000.0",
+        "cost_spike.entity_types: ('api_key', 'team') -> ('api_key', 'user')",
+        "retry_storm.rate_ratio: 3.0 -> 6.0",
+    ]
+    assert Engine.from_settings(before).differences(Engine.restore(snap)) == []
+    restored.adopt(Engine.restore(snap))
     storm, spike = restored.detectors[1], restored.detectors[0]
     assert storm.rate_ratio == 6.0  # type: ignore[attr-defined]
     assert storm.entity_count() == engine.detectors[1].entity_count() > 0  # its baselines came along
