@@ -22,6 +22,7 @@ import inspect
 import math
 import pickle
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,7 +31,7 @@ from detector.detectors.base import Detector, Finding
 from detector.detectors.budget_burn import BudgetBurn
 from detector.detectors.cost_spike import CostSpike
 from detector.detectors.retry_storm import RetryStorm
-from detector.events import Alert, Entity, EntityType, Usage
+from detector.events import Alert, AlertKind, Entity, EntityType, Usage
 from detector.incidents import IncidentBook
 from detector.pricing import PriceCatalog
 from detector.settings import Settings
@@ -38,6 +39,17 @@ from detector.settings import Settings
 SNAPSHOT_VERSION = 1
 
 Scope = Literal["all", "key", "team"]
+
+# The order in which one tick's findings meet the incident book: the first finding of a (kind,
+# group) opens the incident and names it, so the most specific entity comes first (a key's
+# spike names the incident its team's spike folds into). A fixed order also makes the book's
+# result the same whether the findings came from one engine or from a key and a team engine.
+_KIND_RANK = {kind: i for i, kind in enumerate(AlertKind)}
+_TYPE_RANK: dict[EntityType, int] = {"session": 0, "agent": 1, "user": 2, "api_key": 3, "model": 4, "team": 5}
+
+
+def _booking_order(f: Finding) -> tuple[int, int, str, float]:
+    return _KIND_RANK[f.kind], _TYPE_RANK[f.entity.type], f.entity.id, f.at
 
 
 @dataclass
@@ -75,15 +87,21 @@ class Engine:
         self._next_evict = math.inf
         self._pinned: set[Entity] = set()
         self.last_cost = 0.0  # of the last event processed, for shells that show spend
+        # Hand-off (see :meth:`hand_off`): this engine's findings, (tick time, findings), for another
+        # engine's book; and the findings other engines handed to this one, not yet booked.
+        self.hands_off = False
+        self.handed: list[tuple[float, list[Finding]]] = []
+        self._received: list[Finding] = []
 
     @classmethod
     def from_settings(cls, settings: Settings, scope: Scope = "all") -> Engine:
         """The engine the settings describe; ``scope`` splits it for a worker that repartitions by team.
 
-        ``key``: every judgement but the team-level ones (events keyed by API key suffice);
-        ``team``: only the team-level ones (``budget_burn`` and the ``team`` entities of the
-        others), for events repartitioned by team. ``key`` and ``team`` together judge what
-        ``all`` judges.
+        ``key``: every judgement but the team-level ones (events keyed by API key suffice),
+        whose findings it hands off (:meth:`receive`) instead of booking them; ``team``: only
+        the team-level ones (``budget_burn`` and the ``team`` entities of the others), for
+        events repartitioned by team, and the book of every incident of its teams. ``key`` and
+        ``team`` together judge and alert what ``all`` does.
         """
         catalog = PriceCatalog.default().with_overrides(settings.pricing)
         detectors: list[Detector] = []
@@ -104,7 +122,9 @@ class Engine:
             detectors.append(
                 BudgetBurn(budgets=budgets, spent_to_date=spent, **settings.detector_params(BudgetBurn.name))
             )
-        return cls(detectors, catalog, tick_seconds=settings.tick_seconds)
+        engine = cls(detectors, catalog, tick_seconds=settings.tick_seconds)
+        engine.hands_off = scope == "key"
+        return engine
 
     @classmethod
     def default(cls) -> Engine:
@@ -135,6 +155,23 @@ class Engine:
         for det in self.detectors:
             det.observe(ev, ts, cost)
         return alerts
+
+    def receive(self, at: float, findings: Sequence[Finding]) -> list[Alert]:
+        """Book findings another engine made at its tick ``at`` together with this engine's own of that tick.
+
+        A worker that repartitions by team judges keys, agents and sessions in the engines of
+        the usage partitions and teams in the engines of the by-team partitions. The former
+        hand their findings (:attr:`handed`) to the engine of the finding's team, so one book
+        sees all of a team's findings, as the one engine of a replay does: a key's spike and its
+        team's fold into one incident, and incidents of a team link to each other. Findings are
+        received in event-time order with the events (before those at or after ``at``);
+        returns the alerts of the ticks up to ``at``.
+        """
+        self._received.extend(findings)
+        if self._next_tick == math.inf:
+            self._start(at)
+            self._next_tick = min(self._next_tick, at)
+        return self.advance(at)
 
     def advance(self, now: float) -> list[Alert]:
         """Run every tick boundary up to event time ``now``."""
@@ -168,10 +205,21 @@ class Engine:
                 findings.extend(det.evaluate(now))
                 interval = det.interval
                 self._due[i] = math.floor(now / interval) * interval + interval
+        if self._received:
+            due = [f for f in self._received if f.at <= now]
+            self._received = [f for f in self._received if f.at > now]
+            findings.extend(due)
+        if len(findings) > 1:
+            findings.sort(key=_booking_order)
+        if self.hands_off and findings:
+            self.handed.append((now, findings))
         alerts = self.book.observe(findings) if findings else []
         alerts.extend(self.book.tick(now))
         if alerts:
             self._sync_pins()
+            if self.hands_off:
+                # The team's engine books these; this book only says whose state to keep (pins).
+                alerts = []
             for a in alerts:
                 self.stats.alerts[(a.kind.value, a.status.value)] += 1
         if now >= self._next_evict:
@@ -201,6 +249,7 @@ class Engine:
         from them is gone, and its open incidents resolve once quiet.
         """
         self.book, self.stats, self.last_cost = old.book, old.stats, old.last_cost
+        self.handed, self._received = getattr(old, "handed", []), getattr(old, "_received", [])  # older snapshots
         self._next_tick, self._next_evict = old._next_tick, old._next_evict
         was = {det.name: (det, due) for det, due in zip(old.detectors, old._due, strict=True)}
         started = self._next_tick != math.inf

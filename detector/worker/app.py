@@ -22,7 +22,11 @@ and rebalances take turns under one lock.
 partitions judge keys, agents and sessions only; each batch's valid events are forwarded to the
 by-team topic (``<usage topic>.by-team``), keyed by team, in packs (:mod:`detector.worker.packs`),
 where the by-team partitions' engines make the team-level judgements (``budget_burn``, team cost
-spikes) over the whole team. Both topics are read by the same consumer group, and each by-team
+spikes) over the whole team. The incidents are booked there too: a usage partition's engine
+hands its findings about keys, agents and sessions to the by-team partition of their team
+(:mod:`detector.worker.handoff`), whose book folds them with the team's own, as one engine's
+book does in a replay, so a key's spike and the team spike it causes page once, and every
+alert comes from the by-team partitions. Both topics are read by the same consumer group, and each by-team
 partition has its engine, snapshot and restore like a usage partition; the usage offsets inside
 the packs let it drop what a restored usage partition forwards again. Usage partitions do not
 move in step (while a backlog drains, one may be hours of event time ahead of another), so each
@@ -55,8 +59,8 @@ recorded in the snapshot, by the source headers) are not published again.
 
 Not covered: dead letters are at least once (a crash may re-send a few); a worker that lost its
 partitions without knowing it yet (a long pause) may publish what the new owner publishes too
-(no fencing: that needs Kafka transactions); a restored engine keeps the detector parameters
-it was snapshotted with (a changed ``[detectors]`` setting applies to new partitions only).
+(no fencing: that needs Kafka transactions). A restored engine keeps what it learned and takes
+the detector parameters of the settings it is restored with (:meth:`Engine.adopt`).
 Events, idle ticks, snapshots and rebalances take turns under one lock; a batch holds it for at
 most :data:`~detector.worker.consumer.MAX_BATCH` events.
 
@@ -99,10 +103,12 @@ from detector.replay import explain
 from detector.settings import Settings
 from detector.web import Feed, LiveView, Metrics
 from detector.wire import decode_usage, encode_usage
+from detector.worker import handoff
 from detector.worker.align import MARK_EVERY_SECONDS, Aligner
 from detector.worker.clock import IdleClock
 from detector.worker.config import KafkaSettings
 from detector.worker.consumer import NoFaustConsumer, UsageConsumer
+from detector.worker.handoff import FINDINGS, Handed, by_team
 from detector.worker.packs import packs_of, unpack
 from detector.worker.snapshots import (
     RECORD_HEADER,
@@ -187,14 +193,16 @@ class UsageHandler:
             self.stats.rejected += 1
             return Rejected(explain(error))
 
-    def apply_all(self, evs: Iterable[Usage], wall: float) -> Iterator[tuple[Usage, list[Alert] | Rejected]]:
-        """Valid events through the engine in order; yields those that raised alerts or made it fail."""
+    def apply_all(
+        self, items: Iterable[Usage | Handed], wall: float
+    ) -> Iterator[tuple[Usage | Handed, list[Alert] | Rejected]]:
+        """Events and handed findings through the engine in order; yields those that raised alerts or made it fail."""
         self.clock.saw_event(wall)
-        judge = self.judge
-        for ev in evs:
-            result = judge(ev)
+        judge, receive = self.judge, self.receive
+        for item in items:
+            result = receive(item) if isinstance(item, Handed) else judge(item)
             if result:
-                yield ev, result
+                yield item, result
 
     def judge(self, ev: Usage) -> list[Alert] | Rejected:
         """One valid event through the engine, without telling the idle clock (the caller tells it once a batch)."""
@@ -205,6 +213,15 @@ class UsageHandler:
             self.stats.rejected += 1
             return Rejected(f"engine error: {type(error).__name__}: {error}")
         self.stats.events += 1
+        return self._count(alerts) if alerts else alerts
+
+    def receive(self, handed: Handed) -> list[Alert] | Rejected:
+        """Findings a usage partition's engine handed over, into this (by-team) engine's book."""
+        try:
+            alerts = self.engine.receive(handed.at, handed.findings)
+        except Exception as error:  # as in judge: a bug must not stop the stream
+            log.exception("engine failed on findings of %s", utc_from_epoch(handed.at))
+            return Rejected(f"engine error: {type(error).__name__}: {error}")
         return self._count(alerts) if alerts else alerts
 
     def idle_tick(self, wall: float) -> list[Alert] | None:
@@ -253,7 +270,7 @@ class Partition:
     resumed: bool = False  # the first message since assignment was seen
     reseeks: int = 0  # times the consumer was sent back to offset + 1 since assignment
     sources: dict[str, int] = field(default_factory=dict)  # by-team: "<usage partition>:<team>" -> last offset
-    aligner: Aligner[Usage] | None = None  # by-team: events waiting for the slower usage partitions
+    aligner: Aligner[Usage | Handed] | None = None  # by-team: events (and findings) waiting for slower partitions
     marked_at: float = -math.inf  # usage, repartitioning: wall clock of the last marks sent
 
     def fresh_alerts(self, alerts: Sequence[Alert]) -> list[Alert]:
@@ -335,7 +352,7 @@ class Runtime:
         self._unsettled_moved: list[tuple[Partition, int]] = []
 
     def new_partition(
-        self, number: int, engine: Engine | None = None, aligner: Aligner[Usage] | None = None
+        self, number: int, engine: Engine | None = None, aligner: Aligner[Usage | Handed] | None = None
     ) -> Partition:
         idle = self.k.idle_advance_after_seconds
         part = Partition(number, UsageHandler(engine or self.make_engine(), IdleClock(idle), self.stats))
@@ -438,7 +455,7 @@ class Runtime:
                 self.parts[n] = self.new_partition(n)
                 log.info("stormwatch: %spartition %d has no snapshot: a new engine", self.label, n)
                 continue
-            aligner: Aligner[Usage] | None = None
+            aligner: Aligner[Usage | Handed] | None = None
             try:
                 restored, engine = Engine.restore(snap.engine), self.make_engine()
                 if changed := engine.differences(restored):
@@ -582,23 +599,47 @@ class Runtime:
             if forward:
                 packs.setdefault(ev.team, []).append((r.offset, r.value))
         if self.forward is not None:
-            where = source_headers(self.topic, part.number, records[-1].offset)
-            total = (SOURCES_HEADER, str(self.sources_total).encode())
             # A pack may only claim what held before the batch: the batch's other packs, for other teams,
             # may reach the same by-team partition later (in a later fetch there).
-            headers = [*where, (WATERMARK_HEADER, repr(before).encode()), total]
+            headers = self._forward_headers(part, records[-1].offset, before)
             for team, events in packs.items():
                 for blob in packs_of(events, PACK_BYTES):
                     pending.append(await self.forward(team.encode(), blob, headers, None))
+            await self._hand_over(part, headers, pending)
             after = handler.engine.stats.watermark
             if wall - part.marked_at >= MARK_EVERY_SECONDS and after > -math.inf:
                 # Sent after all the batch's packs, by the same producer, so it reaches every by-team
                 # partition after them: there, this partition has now passed ``after``.
                 part.marked_at = wall
-                mark = [*where, (WATERMARK_HEADER, repr(after).encode()), total, (RECORD_HEADER, MARK)]
+                mark = [*self._forward_headers(part, records[-1].offset, after), (RECORD_HEADER, MARK)]
                 for p in self.fanout:
                     pending.append(await self.forward(None, b"", mark, p))
         return len(records)
+
+    def _forward_headers(self, part: Partition, offset: int, watermark: float) -> list[tuple[str, bytes]]:
+        """Headers of what goes to the by-team topic: where from, how far in event time, of how many sources."""
+        return [
+            *source_headers(self.topic, part.number, offset),
+            (WATERMARK_HEADER, repr(watermark).encode()),
+            (SOURCES_HEADER, str(self.sources_total).encode()),
+        ]
+
+    async def _hand_over(
+        self, part: Partition, headers: list[tuple[str, bytes]], pending: list[Awaitable[Any]]
+    ) -> None:
+        """The findings the partition's engine made since the last call, on to their teams' by-team partitions.
+
+        ``headers`` are those of the batch's packs (source, watermark before the batch, sources):
+        a tick's findings come before the events at or after its time, which the batch holds.
+        """
+        engine = part.handler.engine
+        if not engine.handed:
+            return
+        assert self.forward is not None, "only the engines of a repartitioning worker hand findings over"
+        findings = [*headers, (RECORD_HEADER, FINDINGS)]
+        for team, ticks in by_team(engine.handed).items():
+            pending.append(await self.forward(team.encode(), handoff.encode(ticks), findings, None))
+        engine.handed = []
 
     async def _unpack(self, part: Partition, r: Any, wall: float, pending: list[Awaitable[Any]]) -> int:
         """One by-team pack (or mark) into the partition's aligner; returns the events new to it.
@@ -618,6 +659,10 @@ class Runtime:
         assert aligner is not None
         watermark, total = float(headers.get(WATERMARK_HEADER, b"-inf")), int(headers.get(SOURCES_HEADER, b"0"))
         if mark:
+            aligner.heard(usage_partition, watermark, wall, total)
+            return 0
+        if headers.get(RECORD_HEADER) == FINDINGS:
+            await self._take_findings(part, r, usage_partition, pending)
             aligner.heard(usage_partition, watermark, wall, total)
             return 0
         stream = f"{usage_partition}:{r.key.decode()}"  # packs of one team from one usage partition
@@ -643,17 +688,40 @@ class Runtime:
         aligner.heard(usage_partition, watermark, wall, total)
         return new
 
+    async def _take_findings(
+        self, part: Partition, r: Any, usage_partition: int, pending: list[Awaitable[Any]]
+    ) -> None:
+        """A usage partition's findings about one team into the aligner, but for ticks already taken."""
+        assert part.aligner is not None
+        stream = f"findings:{usage_partition}:{r.key.decode()}"  # "<digit>..." are the packs' streams
+        seen = part.sources.get(stream, -1)  # the last tick taken, in milliseconds
+        try:
+            ticks = handoff.decode(r.value)
+        except ValueError as error:
+            reason = f"not a findings record: {explain(error) if isinstance(error, ValidationError) else error}"
+            pending.append(await self.dead_letter(r.key, r.value, r.topic, r.partition, r.offset, reason))
+            return
+        for at, findings in ticks:
+            tick = round(at * 1000)
+            if tick <= seen:
+                self.stats.duplicates += len(findings)
+                continue
+            seen = tick
+            handed = Handed(at, findings)
+            part.aligner.add(handed.order, handed)
+        part.sources[stream] = seen
+
     async def _release(self, part: Partition, wall: float, pending: list[Awaitable[Any]], offset: int) -> int:
         """By-team: the events every live usage partition has passed, through the engine in event-time order."""
         assert part.aligner is not None
         due = part.aligner.release(wall)
-        for ev, result in part.handler.apply_all(due, wall):
+        for item, result in part.handler.apply_all(due, wall):
             if isinstance(result, Rejected):  # the engine failed on it: keep it in the DLQ
-                raw = encode_usage(ev)
+                raw = handoff.encode([(item.at, item.findings)]) if isinstance(item, Handed) else encode_usage(item)
                 pending.append(await self.dead_letter(None, raw, self.topic, part.number, offset, result.reason))
             elif result:
                 pending.extend(await self.publish(part, result, offset))
-        return len(due)
+        return sum(not isinstance(item, Handed) for item in due)
 
     async def idle_tick(self) -> None:
         async with self.lock:
@@ -673,6 +741,12 @@ class Runtime:
                 if alerts is None:
                     continue
                 part.dirty = True
+                if part.handler.engine.handed:  # a key engine's findings: its team's engine books them
+                    pending = []
+                    headers = self._forward_headers(part, part.offset, part.handler.engine.stats.watermark)
+                    await self._hand_over(part, headers, pending)
+                    await asyncio.gather(*pending)
+                    await self.save([part])  # wall-clock findings need not repeat on re-processing: keep them now
                 if alerts:
                     await asyncio.gather(*await self.publish(part, alerts, part.offset))
                     await self.save([part])  # wall-clock alerts need not repeat on re-processing: keep them now

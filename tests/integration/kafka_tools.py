@@ -53,6 +53,11 @@ class Topics:
         p = f"it-{name}-{uuid.uuid4().hex[:8]}"
         return cls(f"{p}.usage", f"{p}.alerts", f"{p}.usage.dlq", f"{p}.breakers", f"{p}-group")
 
+    @property
+    def by_team(self) -> str:
+        """Where the workers forward usage events and findings by team (``kafka.by_team_topic``)."""
+        return f"{self.usage}.by-team"
+
     def worker_env(self, bootstrap: str, data_dir: Path, **kafka: object) -> dict[str, str]:
         return {f"STORMWATCH_KAFKA__{k.upper()}": str(v) for k, v in self.kafka(bootstrap, data_dir, **kafka).items()}
 

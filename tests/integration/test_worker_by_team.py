@@ -52,4 +52,4 @@ def test_a_team_spread_over_partitions_burns_its_budget_as_one(
     assert [a["status"] for a in burns if a["status"] == "firing"] == ["firing"]
     assert "critical" in {a["severity"] for a in burns}, "the whole team burns at 30x: it becomes critical"
     assert all(a["entity"] == {"type": "team", "id": "search"} for a in burns)
-    assert {a["_source"] for a in burns} == {topics.usage + ".by-team"}, "raised by the by-team stage"
+    assert {a["_source"] for a in burns} == {topics.by_team}, "raised by the by-team stage"

@@ -80,8 +80,9 @@ def alerts_of(records: list[Any]) -> list[dict[str, Any]]:
     return [json.loads(r.value) for r in records]
 
 
-def firing(kind: str) -> Any:
-    return lambda records: any((a["kind"], a["status"]) == (kind, "firing") for a in alerts_of(records))
+def firing(kind: str, status: str = "firing") -> Any:
+    """A condition for consume_until: an alert of ``kind`` in ``status`` was published."""
+    return lambda records: any((a["kind"], a["status"]) == (kind, status) for a in alerts_of(records))
 
 
 def first_firing(events: list[UsageEvent]) -> Alert:
@@ -90,10 +91,13 @@ def first_firing(events: list[UsageEvent]) -> Alert:
     return next(a for ev in events for a in engine.process(ev) if a.status.value == "firing")
 
 
-def owned(worker: WorkerProcess) -> set[int]:
-    """The usage partitions of the worker's latest assignment, from its log."""
-    line = next(line for line in reversed(worker.lines) if "stormwatch: assigned" in line and "by-team[" not in line)
-    return {int(p) for p in re.findall(r"usage\[(\d+)\]", line)}
+def owned(worker: WorkerProcess, topic: str) -> set[int]:
+    """The partitions of ``topic`` (usage or by-team) in the worker's latest assignment, from its log."""
+    by_team = topic.endswith(".by-team")
+    line = next(
+        line for line in reversed(worker.lines) if "stormwatch: assigned" in line and by_team == (".by-team[" in line)
+    )
+    return {int(p) for p in re.findall(rf"{re.escape(topic)}\[(\d+)\]", line)}
 
 
 def events_processed(worker: WorkerProcess) -> int:
@@ -143,11 +147,13 @@ def test_restart_keeps_what_was_learned(kafka_bootstrap: str, topics: Topics, wo
 
 
 def test_kill_9_loses_nothing_and_pages_once(kafka_bootstrap: str, topics: Topics, workers: Workers) -> None:
-    """Two workers, 4 partitions, 8 keys; the owner of the storm's partition is SIGKILLed after it paged.
+    """Two workers, 4 partitions, 8 keys; the worker that paged the storm is SIGKILLed after it paged.
 
-    Snapshots are rare here (600 s), so the survivor restores the killed worker's partitions from
-    the snapshots of their empty engines and processes all their events again: the storm fires
-    again in its engine, and must not be published again. (Should a spurious rebalance make the
+    The storm's key is judged in its usage partition, and the page comes from the book of its
+    team, in the team's by-team partition: the owner of that one is killed. Snapshots are rare
+    here (600 s), so the survivor restores the killed worker's partitions from the snapshots of
+    their empty engines and processes all their records again: the storm's findings are booked
+    again, and its page must not be published again. (Should a spurious rebalance make the
     victim snapshot its partitions after the page, there is nothing to re-process: still one page.)
     """
     keys = [f"key-{i}" for i in range(8)]
@@ -170,20 +176,24 @@ def test_kill_9_loses_nothing_and_pages_once(kafka_bootstrap: str, topics: Topic
         paged = await consume_until(kafka_bootstrap, topics.alerts, firing("retry_storm"), timeout=30)
         (page,) = [r for r in paged if json.loads(r.value)["status"] == "firing"]
         headers = dict(page.headers)
-        assert headers["stormwatch-source-partition"] == str(storm_partition).encode()
-        victim, survivor = (one, two) if storm_partition in owned(one) else (two, one)
-        assert storm_partition not in owned(survivor)
+        assert headers["stormwatch-source-topic"] == topics.by_team.encode(), "paged by the team's book"
+        paging = int(headers["stormwatch-source-partition"])
+        victim, survivor = (one, two) if paging in owned(one, topics.by_team) else (two, one)
+        assert paging not in owned(survivor, topics.by_team)
+        print(f"the victim owned the storm's usage partition too: {storm_partition in owned(victim, topics.usage)}")
         victim.proc.send_signal(signal.SIGKILL)
         assert await asyncio.to_thread(victim.proc.wait, 10) == -signal.SIGKILL
         await produce(kafka_bootstrap, topics.usage, map(record, after))  # mid-stream: traffic goes on
 
         restored = await survivor.await_line(
-            rf"restored partition {storm_partition} from snapshot at offset (-?\d+)", 40
+            rf"restored by-team partition {paging} from snapshot at offset (-?\d+)", 40
         )
         print(restored[0])
         per_partition = Counter(partition_of(ev.api_key_id, 4) for ev in before + after)
         done = ",".join(f"{p}@{per_partition[p] - 1}" for p in range(4))
-        await survivor.await_line(rf"partitions={done}\b", timeout=60)  # every event in an engine
+        await survivor.await_line(rf"partitions={done}\b", timeout=60)  # every event in a key engine
+        # and the team's book resolves the storm once the by-team stage has judged the quiet after it
+        await consume_until(kafka_bootstrap, topics.alerts, firing("retry_storm", "resolved"), timeout=60)
         page_offset = int(headers["stormwatch-source-offset"])
         return victim, survivor, await read_all(kafka_bootstrap, topics.alerts), int(restored[1]) < page_offset
 
