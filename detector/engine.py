@@ -90,6 +90,7 @@ class Engine:
         # Hand-off (see :meth:`hand_off`): this engine's findings, (tick time, findings), for another
         # engine's book; and the findings other engines handed to this one, not yet booked.
         self.hands_off = False
+        self._advanced = -math.inf  # the furthest event time advance() was asked for
         self.handed: list[tuple[float, list[Finding]]] = []
         self._received: list[Finding] = []
 
@@ -156,25 +157,39 @@ class Engine:
             det.observe(ev, ts, cost)
         return alerts
 
-    def receive(self, at: float, findings: Sequence[Finding]) -> list[Alert]:
-        """Book findings another engine made at its tick ``at`` together with this engine's own of that tick.
+    def receive(self, at: float, findings: Sequence[Finding]) -> None:
+        """Take findings another engine made at its tick ``at``, to book with this engine's own of that tick.
 
         A worker that repartitions by team judges keys, agents and sessions in the engines of
         the usage partitions and teams in the engines of the by-team partitions. The former
         hand their findings (:attr:`handed`) to the engine of the finding's team, so one book
         sees all of a team's findings, as the one engine of a replay does: a key's spike and its
-        team's fold into one incident, and incidents of a team link to each other. Findings are
-        received in event-time order with the events (before those at or after ``at``);
-        returns the alerts of the ticks up to ``at``.
+        team's fold into one incident, and incidents of a team link to each other.
+
+        Findings are received in event-time order with the events: after those before ``at``,
+        before those at or after it. They are booked at this engine's tick ``at``, which runs on
+        the next event or :meth:`advance` past it, so the findings of every engine that passed
+        ``at`` are booked together, in the fixed order one engine's are.
         """
         self._received.extend(findings)
-        if self._next_tick == math.inf:
+        if self._next_tick == math.inf:  # the first thing this engine hears of: its tick at ``at`` is due
             self._start(at)
             self._next_tick = min(self._next_tick, at)
-        return self.advance(at)
+
+    @property
+    def next_tick(self) -> float:
+        """The event time of the next tick (+inf before the first event)."""
+        return self._next_tick
+
+    @property
+    def event_time(self) -> float:
+        """How far event time has got: the newest event, or further where the shell advanced it (idle clock)."""
+        return max(self.stats.watermark, self._advanced)
 
     def advance(self, now: float) -> list[Alert]:
         """Run every tick boundary up to event time ``now``."""
+        if now > self._advanced:
+            self._advanced = now
         alerts: list[Alert] = []
         tick = self.tick_seconds
         if now - self._next_tick > 3600:
@@ -251,6 +266,7 @@ class Engine:
         self.book, self.stats, self.last_cost = old.book, old.stats, old.last_cost
         self.handed, self._received = getattr(old, "handed", []), getattr(old, "_received", [])  # older snapshots
         self._next_tick, self._next_evict = old._next_tick, old._next_evict
+        self._advanced = getattr(old, "_advanced", -math.inf)
         was = {det.name: (det, due) for det, due in zip(old.detectors, old._due, strict=True)}
         started = self._next_tick != math.inf
         for i, det in enumerate(self.detectors):

@@ -193,15 +193,14 @@ class UsageHandler:
             self.stats.rejected += 1
             return Rejected(explain(error))
 
-    def apply_all(
-        self, items: Iterable[Usage | Handed], wall: float
-    ) -> Iterator[tuple[Usage | Handed, list[Alert] | Rejected]]:
-        """Events and handed findings through the engine in order; yields those that raised alerts or made it fail."""
+    def apply_all(self, items: Iterable[Usage | Handed], wall: float) -> Iterator[tuple[Usage, list[Alert] | Rejected]]:
+        """Events and handed findings through the engine in order; yields events that raised alerts or made it fail."""
         self.clock.saw_event(wall)
-        judge, receive = self.judge, self.receive
+        judge, receive = self.judge, self.engine.receive
         for item in items:
-            result = receive(item) if isinstance(item, Handed) else judge(item)
-            if result:
+            if isinstance(item, Handed):
+                receive(item.at, item.findings)  # booked at the engine's tick of item.at
+            elif result := judge(item):
                 yield item, result
 
     def judge(self, ev: Usage) -> list[Alert] | Rejected:
@@ -215,14 +214,9 @@ class UsageHandler:
         self.stats.events += 1
         return self._count(alerts) if alerts else alerts
 
-    def receive(self, handed: Handed) -> list[Alert] | Rejected:
-        """Findings a usage partition's engine handed over, into this (by-team) engine's book."""
-        try:
-            alerts = self.engine.receive(handed.at, handed.findings)
-        except Exception as error:  # as in judge: a bug must not stop the stream
-            log.exception("engine failed on findings of %s", utc_from_epoch(handed.at))
-            return Rejected(f"engine error: {type(error).__name__}: {error}")
-        return self._count(alerts) if alerts else alerts
+    def advance(self, now: float) -> list[Alert]:
+        """Event time on to ``now`` without an event (what every source of a by-team partition has passed)."""
+        return self._count(self.engine.advance(now))
 
     def idle_tick(self, wall: float) -> list[Alert] | None:
         """Advance event time over a quiet stream (see :mod:`detector.worker.clock`); None: not due."""
@@ -606,15 +600,24 @@ class Runtime:
                 for blob in packs_of(events, PACK_BYTES):
                     pending.append(await self.forward(team.encode(), blob, headers, None))
             await self._hand_over(part, headers, pending)
-            after = handler.engine.stats.watermark
-            if wall - part.marked_at >= MARK_EVERY_SECONDS and after > -math.inf:
-                # Sent after all the batch's packs, by the same producer, so it reaches every by-team
-                # partition after them: there, this partition has now passed ``after``.
-                part.marked_at = wall
-                mark = [*self._forward_headers(part, records[-1].offset, after), (RECORD_HEADER, MARK)]
-                for p in self.fanout:
-                    pending.append(await self.forward(None, b"", mark, p))
+            if wall - part.marked_at >= MARK_EVERY_SECONDS:
+                await self._mark(part, records[-1].offset, wall, pending)
         return len(records)
+
+    async def _mark(self, part: Partition, offset: int, wall: float, pending: list[Awaitable[Any]]) -> None:
+        """Tell every by-team partition how far this usage partition has got in event time.
+
+        Sent after all the batch's packs and findings, by the same producer, so it reaches every
+        by-team partition after them: there, this partition has now passed its event time.
+        """
+        passed = part.handler.engine.event_time
+        if passed == -math.inf:
+            return
+        assert self.forward is not None, "only a repartitioning worker marks"
+        part.marked_at = wall
+        mark = [*self._forward_headers(part, offset, passed), (RECORD_HEADER, MARK)]
+        for p in self.fanout:
+            pending.append(await self.forward(None, b"", mark, p))
 
     def _forward_headers(self, part: Partition, offset: int, watermark: float) -> list[tuple[str, bytes]]:
         """Headers of what goes to the by-team topic: where from, how far in event time, of how many sources."""
@@ -712,15 +715,25 @@ class Runtime:
         part.sources[stream] = seen
 
     async def _release(self, part: Partition, wall: float, pending: list[Awaitable[Any]], offset: int) -> int:
-        """By-team: the events every live usage partition has passed, through the engine in event-time order."""
+        """By-team: the events every live usage partition has passed, through the engine in event-time order.
+
+        Then the engine's event time moves on to what they have all passed, even where its own teams
+        had no events: their ticks come as in one engine over every event, neither waiting for the
+        teams' next event nor run before a slower usage partition has handed in its findings.
+        """
         assert part.aligner is not None
         due = part.aligner.release(wall)
         for item, result in part.handler.apply_all(due, wall):
             if isinstance(result, Rejected):  # the engine failed on it: keep it in the DLQ
-                raw = handoff.encode([(item.at, item.findings)]) if isinstance(item, Handed) else encode_usage(item)
+                raw = encode_usage(item)
                 pending.append(await self.dead_letter(None, raw, self.topic, part.number, offset, result.reason))
             elif result:
                 pending.extend(await self.publish(part, result, offset))
+        low = part.aligner.low(wall)
+        if -math.inf < low < math.inf and low >= part.handler.engine.next_tick:
+            part.dirty = True
+            if alerts := part.handler.advance(low):
+                pending.extend(await self.publish(part, alerts, offset))
         return sum(not isinstance(item, Handed) for item in due)
 
     async def idle_tick(self) -> None:
@@ -729,22 +742,24 @@ class Runtime:
             for part in list(self.parts.values()):
                 if part.number in self.paused:
                     continue  # waiting for the by-team stage, not quiet: its event time stays
-                if part.aligner is not None and len(part.aligner):
-                    # Events still wait for a slower usage partition: let go those whose wait is over.
+                if part.aligner is not None:
+                    # Let go the events whose wait is over, and follow the usage partitions' event time.
                     pending: list[Awaitable[Any]] = []
-                    if await self._release(part, wall, pending, part.offset):
-                        part.dirty = True
+                    await self._release(part, wall, pending, part.offset)
                     await asyncio.gather(*pending)
-                    if len(part.aligner):
-                        continue  # event time is not idle while events wait
+                    if len(part.aligner) or part.aligner.low(wall) != math.inf:
+                        continue  # event time comes from the usage partitions while any is live
                 alerts = part.handler.idle_tick(wall)
                 if alerts is None:
                     continue
                 part.dirty = True
-                if part.handler.engine.handed:  # a key engine's findings: its team's engine books them
+                engine = part.handler.engine
+                if engine.handed:
+                    # The findings go to their teams with the event time the idle clock took this partition to,
+                    # so the by-team stage need not wait for it to fall silent there too. (No marks: a quiet
+                    # worker writes nothing, and a silent partition stops holding the by-team stage back.)
                     pending = []
-                    headers = self._forward_headers(part, part.offset, part.handler.engine.stats.watermark)
-                    await self._hand_over(part, headers, pending)
+                    await self._hand_over(part, self._forward_headers(part, part.offset, engine.event_time), pending)
                     await asyncio.gather(*pending)
                     await self.save([part])  # wall-clock findings need not repeat on re-processing: keep them now
                 if alerts:

@@ -1,8 +1,8 @@
 """A worker's two engines, keys and teams, alert exactly as the one engine of a replay.
 
-The key engine (scope ``key``) hands its findings over instead of booking them, and the team
-engine (scope ``team``) books them with its own, in event-time order with the events, as the
-worker's by-team stage does. On a simulated day where keys' cost spikes drag their teams'
+The key engines (scope ``key``, one per usage partition) hand their findings over instead of
+booking them, and the team engine (scope ``team``) books them with its own, in event-time order
+with the events, as the worker's by-team stage does. On a simulated day where keys' cost spikes drag their teams'
 spend up too, that gives the replay's alerts, ids, related incidents and all; without the
 hand-off, each team spike would page again as an incident of its own.
 """
@@ -10,6 +10,8 @@ hand-off, each team spike would page again as an incident of its own.
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from pathlib import Path
 
 import pytest
@@ -32,29 +34,51 @@ def day(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, list[Usage]
         return load_settings(paths["config"]), [decode_usage(line) for line in lines]
 
 
-def split(settings: Settings, events: list[Usage]) -> tuple[list[Alert], Engine, list[Handed]]:
-    """The worker's two stages over one stream: the team's alerts, the key engine and what it handed over."""
-    key, team = Engine.from_settings(settings, "key"), Engine.from_settings(settings, "team")
+def staged(
+    settings: Settings, events: list[Usage], partitions: int = 4
+) -> tuple[list[Alert], list[Engine], list[Handed]]:
+    """The worker's two stages over one stream, as its by-team partition runs them, without Kafka.
+
+    Events go to one key engine per usage partition (by API key); what they hand over and the
+    events wait in an aligner until every partition has passed them, as on the by-team topic,
+    and the team engine takes them in that order, moving on to what every partition has passed.
+    Returns the team engine's alerts, the key engines and every tick they handed over.
+    """
+    keys = [Engine.from_settings(settings, "key") for _ in range(partitions)]
+    team = Engine.from_settings(settings, "team")
+    aligner: Aligner[Usage | Handed] = Aligner(sources=partitions, idle_after=math.inf)
     alerts: list[Alert] = []
     handed: list[Handed] = []
     for ev in events:
+        source = zlib.crc32(ev.api_key_id.encode()) % partitions
+        key = keys[source]
         assert not key.process(ev), "a key engine that hands off books nothing itself"
-        for at, findings in key.handed:  # a tick's findings come before the event that passed it
+        for at, findings in key.handed:
             handed.append(Handed(at, findings))
-            alerts += team.receive(at, findings)
+            aligner.add(handed[-1].order, handed[-1])
         key.handed = []
-        alerts += team.process(ev)
-    return alerts, key, handed
+        aligner.add(ev.timestamp.timestamp(), ev)
+        aligner.heard(source, key.event_time, wall=0.0)
+        for item in aligner.release(wall=0.0):
+            if isinstance(item, Handed):
+                team.receive(item.at, item.findings)
+            else:
+                alerts += team.process(item)
+        if (low := aligner.low(wall=0.0)) >= team.next_tick:
+            alerts += team.advance(low)
+    return alerts, keys, handed
 
 
 def test_key_and_team_engines_alert_as_one_engine(day: tuple[Settings, list[Usage]]) -> None:
     settings, events = day
     whole = Engine.from_settings(settings)
     expected = [a for ev in events for a in whole.process(ev)]
-    alerts, key, handed = split(settings, events)
+    alerts, keys, handed = staged(settings, events)
     assert alerts == expected
     assert {a.kind.value for a in expected} >= {"cost_spike", "retry_storm", "agent_loop", "budget_burn"}
-    assert key.stats.alerts == {}, "alerts are counted where they are booked"
+    assert all(key.stats.alerts == {} for key in keys), "alerts are counted where they are booked"
+    # Partitions that passed a tick each hand its findings over: booked together, not a tick apart.
+    assert len({h.at for h in handed}) < len(handed)
     assert any(a.related_incidents for a in alerts)
 
     # What makes it matter: the team engine's own spikes, booked alone, page for causes the keys' incidents hold.
