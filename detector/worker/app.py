@@ -641,7 +641,8 @@ class Runtime:
         assert self.forward is not None, "only the engines of a repartitioning worker hand findings over"
         findings = [*headers, (RECORD_HEADER, FINDINGS)]
         for team, ticks in by_team(engine.handed).items():
-            pending.append(await self.forward(team.encode(), handoff.encode(ticks), findings, None))
+            for blob in handoff.records(ticks):
+                pending.append(await self.forward(team.encode(), blob, findings, None))
         engine.handed = []
 
     async def _unpack(self, part: Partition, r: Any, wall: float, pending: list[Awaitable[Any]]) -> int:
@@ -694,25 +695,20 @@ class Runtime:
     async def _take_findings(
         self, part: Partition, r: Any, usage_partition: int, pending: list[Awaitable[Any]]
     ) -> None:
-        """A usage partition's findings about one team into the aligner, but for ticks already taken."""
+        """A usage partition's findings about one team into the aligner, but for those already taken."""
         assert part.aligner is not None
         stream = f"findings:{usage_partition}:{r.key.decode()}"  # "<digit>..." are the packs' streams
-        seen = part.sources.get(stream, -1)  # the last tick taken, in milliseconds
+        seen = part.sources.get(stream, -1)  # handoff.position of the last finding taken
         try:
-            ticks = handoff.decode(r.value)
+            items = handoff.decode(r.value)
         except ValueError as error:
             reason = f"not a findings record: {explain(error) if isinstance(error, ValidationError) else error}"
             pending.append(await self.dead_letter(r.key, r.value, r.topic, r.partition, r.offset, reason))
             return
-        for at, findings in ticks:
-            tick = round(at * 1000)
-            if tick <= seen:
-                self.stats.duplicates += len(findings)
-                continue
-            seen = tick
-            handed = Handed(at, findings)
+        new, part.sources[stream], dropped = handoff.fresh(items, seen)
+        self.stats.duplicates += dropped
+        for handed in new:
             part.aligner.add(handed.order, handed)
-        part.sources[stream] = seen
 
     async def _release(self, part: Partition, wall: float, pending: list[Awaitable[Any]], offset: int) -> int:
         """By-team: the events every live usage partition has passed, through the engine in event-time order.
