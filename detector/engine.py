@@ -87,7 +87,7 @@ class Engine:
         self._next_evict = math.inf
         self._pinned: set[Entity] = set()
         self.last_cost = 0.0  # of the last event processed, for shells that show spend
-        # Hand-off (see :meth:`hand_off`): this engine's findings, (tick time, findings), for another
+        # Hand-off (see :meth:`receive`): this engine's findings, (tick time, findings), for another
         # engine's book; and the findings other engines handed to this one, not yet booked.
         self.hands_off = False
         self._advanced = -math.inf  # the furthest event time advance() was asked for
