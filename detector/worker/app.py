@@ -701,8 +701,8 @@ class Runtime:
         seen = part.sources.get(stream, -1)  # handoff.position of the last finding taken
         try:
             items = handoff.decode(r.value)
-        except ValueError as error:
-            reason = f"not a findings record: {explain(error) if isinstance(error, ValidationError) else error}"
+        except ValidationError as error:
+            reason = f"not a findings record: {explain(error)}"
             pending.append(await self.dead_letter(r.key, r.value, r.topic, r.partition, r.offset, reason))
             return
         new, part.sources[stream], dropped = handoff.fresh(items, seen)
@@ -710,7 +710,7 @@ class Runtime:
         for handed in new:
             part.aligner.add(handed.order, handed)
 
-    async def _release(self, part: Partition, wall: float, pending: list[Awaitable[Any]], offset: int) -> int:
+    async def _release(self, part: Partition, wall: float, pending: list[Awaitable[Any]], offset: int) -> None:
         """By-team: the events every live usage partition has passed, through the engine in event-time order.
 
         Then the engine's event time moves on to what they have all passed, even where its own teams
@@ -719,6 +719,8 @@ class Runtime:
         """
         assert part.aligner is not None
         due = part.aligner.release(wall)
+        if due:
+            part.dirty = True
         for item, result in part.handler.apply_all(due, wall):
             if isinstance(result, Rejected):  # the engine failed on it: keep it in the DLQ
                 raw = encode_usage(item)
@@ -730,7 +732,6 @@ class Runtime:
             part.dirty = True
             if alerts := part.handler.advance(low):
                 pending.extend(await self.publish(part, alerts, offset))
-        return sum(not isinstance(item, Handed) for item in due)
 
     async def idle_tick(self) -> None:
         async with self.lock:
@@ -749,18 +750,17 @@ class Runtime:
                 if alerts is None:
                     continue
                 part.dirty = True
-                engine = part.handler.engine
+                engine, pending = part.handler.engine, []
                 if engine.handed:
                     # The findings go to their teams with the event time the idle clock took this partition to,
                     # so the by-team stage need not wait for it to fall silent there too. (No marks: a quiet
                     # worker writes nothing, and a silent partition stops holding the by-team stage back.)
-                    pending = []
                     await self._hand_over(part, self._forward_headers(part, part.offset, engine.event_time), pending)
-                    await asyncio.gather(*pending)
-                    await self.save([part])  # wall-clock findings need not repeat on re-processing: keep them now
                 if alerts:
-                    await asyncio.gather(*await self.publish(part, alerts, part.offset))
-                    await self.save([part])  # wall-clock alerts need not repeat on re-processing: keep them now
+                    pending.extend(await self.publish(part, alerts, part.offset))
+                if pending:
+                    await asyncio.gather(*pending)
+                    await self.save([part])  # wall-clock alerts and findings need not repeat on re-processing
 
     async def revoked(self, partitions: Iterable[TopicPartition]) -> None:
         mine = [tp for tp in partitions if tp.topic == self.topic]

@@ -99,7 +99,7 @@ def _item(at: float, first: int, findings: list[bytes]) -> bytes:
 
 
 def decode(blob: bytes) -> Items:
-    """The items of a record; raises ``ValueError`` (pydantic's ``ValidationError``) when it is not one."""
+    """The items of a record; raises pydantic's ``ValidationError`` when it is not one."""
     return _ITEMS.validate_json(blob)
 
 
