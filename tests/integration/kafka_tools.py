@@ -23,6 +23,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.partitioner import murmur2
 
 from detector.events import UsageEvent
+from detector.worker.config import KafkaSettings
 from tests.conftest import make_event
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,7 +57,7 @@ class Topics:
     @property
     def by_team(self) -> str:
         """Where the workers forward usage events and findings by team (``kafka.by_team_topic``)."""
-        return f"{self.usage}.by-team"
+        return KafkaSettings(usage_topic=self.usage).by_team_topic
 
     def worker_env(self, bootstrap: str, data_dir: Path, **kafka: object) -> dict[str, str]:
         return {f"STORMWATCH_KAFKA__{k.upper()}": str(v) for k, v in self.kafka(bootstrap, data_dir, **kafka).items()}
@@ -122,12 +123,18 @@ async def committed_and_end(bootstrap: str, group: str, topic: str) -> tuple[dic
     )
 
 
-async def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> None:
+async def produce(
+    bootstrap: str,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes]],
+    headers: list[tuple[str, bytes]] | None = None,
+) -> None:
+    """Send ``(key, value)`` records to ``topic``, each with ``headers`` when given."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=256 * 1024)
     await producer.start()
     try:
         for key, value in records:
-            await producer.send(topic, key=key, value=value)
+            await producer.send(topic, key=key, value=value, headers=headers)
         await producer.flush()
     finally:
         await producer.stop()

@@ -14,9 +14,19 @@ import json
 import pytest
 
 from detector.pricing import PriceCatalog
-from detector.worker.snapshots import SOURCE_TOPIC_HEADER
+from detector.worker.app import REASON_HEADER
+from detector.worker.snapshots import RECORD_HEADER, SOURCE_PARTITION_HEADER, SOURCE_TOPIC_HEADER
 from tests.conftest import T0
-from tests.integration.kafka_tools import Topics, Workers, fleet, partition_of, produce, read_all, record
+from tests.integration.kafka_tools import (
+    Topics,
+    Workers,
+    consume_until,
+    fleet,
+    partition_of,
+    produce,
+    read_all,
+    record,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -53,3 +63,24 @@ def test_a_team_spread_over_partitions_burns_its_budget_as_one(
     assert "critical" in {a["severity"] for a in burns}, "the whole team burns at 30x: it becomes critical"
     assert all(a["entity"] == {"type": "team", "id": "search"} for a in burns)
     assert {a["_source"] for a in burns} == {topics.by_team}, "raised by the by-team stage"
+
+
+def test_a_findings_record_that_is_not_one_goes_to_the_dlq(kafka_bootstrap: str, workers: Workers) -> None:
+    """Findings handed over by team are checked like events: a broken record is a dead letter with its reason."""
+    topics = Topics.fresh("badfindings")
+    headers = [(SOURCE_PARTITION_HEADER, b"0"), (RECORD_HEADER, b"findings")]
+    broken = (b"search", b'[[120.0, 0, [{"kind": "no such kind"}]]]')
+
+    async def scenario() -> list[dict[str, object]]:
+        worker = workers.start(topics, partitions=2, idle_advance_after_seconds=600)
+        await worker.await_line(r"stormwatch: assigned .*\.by-team\[", timeout=30)
+        await produce(kafka_bootstrap, topics.by_team, [broken], headers=headers)
+        dead = await consume_until(kafka_bootstrap, topics.dlq, lambda got: bool(got), timeout=30)
+        await produce(kafka_bootstrap, topics.usage, map(record, fleet(T0, 60, ["key-1"])))
+        await worker.await_line(r"by team: events=30 ", timeout=30)  # and the by-team stage goes on
+        return [{"key": r.key, "value": r.value, **{k: v.decode() for k, v in r.headers}} for r in dead]
+
+    (letter,) = asyncio.run(scenario())
+    assert (letter["key"], letter["value"]) == broken, "the record as it came"
+    assert str(letter[REASON_HEADER]).startswith("not a findings record: "), letter
+    assert letter[SOURCE_TOPIC_HEADER] == topics.by_team
