@@ -91,7 +91,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import faust
 from aiokafka import TopicPartition  # type: ignore[import-untyped]
@@ -145,7 +145,36 @@ MARK = b"watermark"  # RECORD_HEADER of a mark: a watermark with no events
 Forward = Callable[[bytes | None, bytes, list[tuple[str, bytes]], int | None], Awaitable[Awaitable[Any]]]
 IDLE_TICK_SECONDS = 1.0
 PACK_BYTES = 256 * 1024  # a by-team record: several fit one producer batch (FORWARD_BATCH_BYTES)
+_N = TypeVar("_N", int, float)
 STATE_SEGMENT_MS = 10 * 60 * 1000  # roll state segments often, so compaction can drop old snapshots
+
+
+def _pack_source(headers: Mapping[str, bytes], key: bytes | None, mark: bool) -> tuple[int, float, int]:
+    """A by-team record's usage partition, its watermark and how many usage partitions there are.
+
+    The by-team topic is input like any other (anyone may produce to it), so headers that are
+    not ours raise ValueError saying what is wrong, for the dead letter: never a crash loop.
+    """
+    source = headers.get(SOURCE_PARTITION_HEADER)
+    if source is None:
+        raise ValueError(f"no {SOURCE_PARTITION_HEADER} header")
+    if key is None and not mark:
+        raise ValueError("no key (the team)")
+    return (
+        _parse(SOURCE_PARTITION_HEADER, source, int, "a partition", lambda n: n >= 0),
+        _parse(WATERMARK_HEADER, headers.get(WATERMARK_HEADER, b"-inf"), float, "an event time", lambda t: t == t),
+        _parse(SOURCES_HEADER, headers.get(SOURCES_HEADER, b"0"), int, "a partition count", lambda n: n >= 0),
+    )
+
+
+def _parse(name: str, raw: bytes, parse: Callable[[bytes], _N], what: str, ok: Callable[[_N], bool]) -> _N:
+    try:
+        value = parse(raw)
+    except ValueError:
+        raise ValueError(f"{name} {raw!r} is not {what}") from None
+    if not ok(value):
+        raise ValueError(f"{name} {raw!r} is not {what}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -653,15 +682,16 @@ class Runtime:
         forwards again (offsets up to the last one seen from it for that team) is dropped.
         """
         headers = dict(r.headers)
-        source = headers.get(SOURCE_PARTITION_HEADER)
         mark = headers.get(RECORD_HEADER) == MARK
-        if source is None or (r.key is None and not mark):
-            pending.append(await self.dead_letter(r.key, r.value, r.topic, r.partition, r.offset, "not a pack"))
+        try:
+            usage_partition, watermark, total = _pack_source(headers, r.key, mark)
+        except ValueError as error:
+            pending.append(
+                await self.dead_letter(r.key, r.value, r.topic, r.partition, r.offset, f"not a pack: {error}")
+            )
             return 0
-        usage_partition = int(source)
         aligner = part.aligner
         assert aligner is not None
-        watermark, total = float(headers.get(WATERMARK_HEADER, b"-inf")), int(headers.get(SOURCES_HEADER, b"0"))
         if mark:
             aligner.heard(usage_partition, watermark, wall, total)
             return 0

@@ -14,7 +14,8 @@ import json
 import pytest
 
 from detector.pricing import PriceCatalog
-from detector.worker.app import REASON_HEADER
+from detector.worker.app import REASON_HEADER, SOURCES_HEADER, WATERMARK_HEADER
+from detector.worker.packs import pack
 from detector.worker.snapshots import RECORD_HEADER, SOURCE_PARTITION_HEADER, SOURCE_TOPIC_HEADER
 from tests.conftest import T0
 from tests.integration.kafka_tools import (
@@ -84,3 +85,41 @@ def test_a_findings_record_that_is_not_one_goes_to_the_dlq(kafka_bootstrap: str,
     assert (letter["key"], letter["value"]) == broken, "the record as it came"
     assert str(letter[REASON_HEADER]).startswith("not a findings record: "), letter
     assert letter[SOURCE_TOPIC_HEADER] == topics.by_team
+
+
+def test_records_on_the_by_team_topic_that_are_not_packs_go_to_the_dlq(kafka_bootstrap: str, workers: Workers) -> None:
+    """Whatever lands on the by-team topic is read like input: a record that is no pack is a dead letter."""
+    topics = Topics.fresh("badpacks")
+    pack_headers = [(SOURCE_PARTITION_HEADER, b"0"), (WATERMARK_HEADER, b"120.0"), (SOURCES_HEADER, b"2")]
+    broken = {
+        "no headers": (b"search", b"hello", []),
+        "a source that is no partition": (b"search", pack([(1, b"{}")]), [(SOURCE_PARTITION_HEADER, b"zero")]),
+        "a watermark that is no time": (
+            b"search",
+            pack([(1, b"{}")]),
+            [*pack_headers[:1], (WATERMARK_HEADER, b"soon")],
+        ),
+        "a truncated pack": (b"search", pack([(1, b'{"a": 1}')])[:-1], pack_headers),
+    }
+    reasons = {
+        "no headers": "not a pack: no stormwatch-source-partition header",
+        "a source that is no partition": "not a pack: stormwatch-source-partition b'zero' is not a partition",
+        "a watermark that is no time": "not a pack: stormwatch-watermark b'soon' is not an event time",
+        "a truncated pack": "truncated pack: event at byte 12 wants 8 bytes, 7 left",
+    }
+
+    async def scenario() -> list[dict[str, object]]:
+        worker = workers.start(topics, partitions=2, idle_advance_after_seconds=600)
+        await worker.await_line(r"stormwatch: assigned .*\.by-team\[", timeout=30)
+        for key, value, headers in broken.values():
+            await produce(kafka_bootstrap, topics.by_team, [(key, value)], headers=headers)
+        dead = await consume_until(kafka_bootstrap, topics.dlq, lambda got: len(got) >= len(broken), timeout=30)
+        await produce(kafka_bootstrap, topics.usage, map(record, fleet(T0, 60, ["key-1"])))
+        await worker.await_line(r"by team: events=30 ", timeout=30)  # the stage goes on
+        return [{"value": r.value, **{k: v.decode() for k, v in r.headers}} for r in dead]
+
+    letters = asyncio.run(scenario())
+    assert {letter["value"]: letter[REASON_HEADER] for letter in letters} == {
+        value: reasons[name] for name, (_, value, _) in broken.items()
+    }
+    assert {letter[SOURCE_TOPIC_HEADER] for letter in letters} == {topics.by_team}
