@@ -12,7 +12,11 @@
 # Env: KAFKA_PORT (19092), KAFKA_CONTROLLER_PORT (KAFKA_PORT+1, so 19093 by default),
 #      KAFKA_RUN_DIR (deploy/kafka/run), KAFKA_HEAP_OPTS (-Xms256m -Xmx512m),
 #      KAFKA_START_TIMEOUT (90), KAFKA_STOP_TIMEOUT (20), KAFKA_JVM_OPTS, JAVA_HOME.
-# KAFKA_PORT=0 picks two free adjacent ports.
+# KAFKA_PORT=0 picks free adjacent ports.
+# KAFKA_SASL_SSL_PORT (unset: none; "auto": KAFKA_PORT+2) adds a client listener that wants
+#      TLS and SASL (PLAIN or SCRAM-SHA-512), as managed clusters do: its certificate is made
+#      by keytool for 127.0.0.1 and signed by a CA made for it, $KAFKA_RUN_DIR/tls/ca.pem;
+#      the user is KAFKA_SASL_USER (stormwatch), password KAFKA_SASL_PASSWORD (stormwatch-secret).
 # Only the bootstrap address goes to stdout (BOOTSTRAP=$(kafka.sh up) works);
 # everything else goes to stderr.
 set -euo pipefail
@@ -24,6 +28,7 @@ CP="$LIB/*"
 TOOLS_LOG4J="$HERE/log4j2-tools.properties"
 BROKER_LOG4J="$HERE/log4j2.properties"
 JAVA="${JAVA_HOME:+$JAVA_HOME/bin/}java"
+KEYTOOL="${JAVA_HOME:+$JAVA_HOME/bin/}keytool"
 
 PORT="${KAFKA_PORT:-19092}"
 CPORT="${KAFKA_CONTROLLER_PORT:-}"
@@ -32,10 +37,13 @@ START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-20}"
 HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m}"
 EXTRA_JVM_OPTS="${KAFKA_JVM_OPTS:-}"
+SPORT="${KAFKA_SASL_SSL_PORT:-}"
+SASL_USER="${KAFKA_SASL_USER:-stormwatch}"
+SASL_PASSWORD="${KAFKA_SASL_PASSWORD:-stormwatch-secret}"
 
 log() { printf 'kafka: %s\n' "$*" >&2; }
 die() { printf 'kafka: ERROR: %s\n' "$*" >&2; exit 1; }
-usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
+usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
@@ -45,6 +53,10 @@ check_env() {
         die "KAFKA_PORT must be a port number (0 = pick free ones), got '$PORT'"
     fi
     [[ -z "$CPORT" || "$CPORT" =~ ^[0-9]+$ ]] || die "KAFKA_CONTROLLER_PORT must be a port number, got '$CPORT'"
+    [[ -z "$SPORT" || "$SPORT" == auto || "$SPORT" =~ ^[0-9]+$ ]] \
+        || die "KAFKA_SASL_SSL_PORT must be a port number or auto, got '$SPORT'"
+    [[ "$SASL_USER" =~ ^[A-Za-z0-9_.-]+$ && "$SASL_PASSWORD" =~ ^[A-Za-z0-9_.-]+$ ]] \
+        || die "KAFKA_SASL_USER and KAFKA_SASL_PASSWORD: letters, digits, '_', '.' and '-' only"
     [[ "$START_TIMEOUT" =~ ^[0-9]+$ ]] || die "bad KAFKA_START_TIMEOUT: $START_TIMEOUT"
     [[ "$STOP_TIMEOUT" =~ ^[0-9]+$ ]] || die "bad KAFKA_STOP_TIMEOUT: $STOP_TIMEOUT"
 }
@@ -102,13 +114,13 @@ port_open() {  # something accepts TCP connections on 127.0.0.1:$1
 }
 
 pick_free_port() {
-    # Two adjacent free ports below the Linux ephemeral range (32768+).
+    # Three adjacent free ports (client, controller, secure client) below the Linux ephemeral range (32768+).
     local p i
     for i in $(seq 1 200); do
         p=$(( 20000 + (RANDOM * 32768 + RANDOM) % 12000 ))
-        if ! port_open "$p" && ! port_open $((p + 1)); then echo "$p"; return 0; fi
+        if ! port_open "$p" && ! port_open $((p + 1)) && ! port_open $((p + 2)); then echo "$p"; return 0; fi
     done
-    die "could not find two free adjacent ports"
+    die "could not find three free adjacent ports"
 }
 
 resolve_dir() { mkdir -p "$DIR"; DIR="$(cd "$DIR" && pwd -P)"; }
@@ -137,7 +149,44 @@ new_cluster_id() {
     done
 }
 
+make_tls() {  # a CA, and a broker certificate for 127.0.0.1 it signs; keytool, as Java is here anyway
+    local tls="$DIR/tls" pw="stormwatch-test" kt
+    kt=("$KEYTOOL" -storetype PKCS12 -storepass "$pw" -keypass "$pw")
+    rm -rf "$tls" && mkdir -p "$tls"
+    (
+        cd "$tls"
+        "${kt[@]}" -genkeypair -alias ca -keyalg RSA -keysize 2048 -validity 7 -dname "CN=Stormwatch test CA" \
+            -ext bc:c -keystore ca.p12
+        "$KEYTOOL" -exportcert -rfc -alias ca -keystore ca.p12 -storepass "$pw" -file ca.pem
+        "${kt[@]}" -genkeypair -alias broker -keyalg RSA -keysize 2048 -validity 7 -dname "CN=127.0.0.1" \
+            -keystore broker.p12
+        "$KEYTOOL" -certreq -alias broker -keystore broker.p12 -storepass "$pw" -file broker.csr
+        "$KEYTOOL" -gencert -rfc -alias ca -keystore ca.p12 -storepass "$pw" -validity 7 \
+            -ext SAN=ip:127.0.0.1,dns:localhost -ext EKU=serverAuth -infile broker.csr -outfile broker.crt
+        "$KEYTOOL" -importcert -noprompt -alias ca -file ca.pem -keystore broker.p12 -storepass "$pw"
+        "$KEYTOOL" -importcert -alias broker -file broker.crt -keystore broker.p12 -storepass "$pw"
+    ) >"$DIR/tls.log" 2>&1 || { cat "$DIR/tls.log" >&2; die "keytool could not make the test certificates"; }
+}
+
+secure_config() {  # the SASL_SSL listener's settings (KAFKA_SASL_SSL_PORT)
+    local plain="org.apache.kafka.common.security.plain.PlainLoginModule required"
+    local scram="org.apache.kafka.common.security.scram.ScramLoginModule required"
+    printf '%s\n' \
+        "sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-512" \
+        "listener.name.sasl_ssl.ssl.keystore.type=PKCS12" \
+        "listener.name.sasl_ssl.ssl.keystore.location=$DIR/tls/broker.p12" \
+        "listener.name.sasl_ssl.ssl.keystore.password=stormwatch-test" \
+        "listener.name.sasl_ssl.ssl.key.password=stormwatch-test" \
+        "listener.name.sasl_ssl.plain.sasl.jaas.config=$plain user_$SASL_USER=\"$SASL_PASSWORD\";" \
+        "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=$scram;"
+}
+
 write_config() {
+    local listeners="PLAINTEXT://127.0.0.1:$PORT" protocols="CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    if [[ -n "$SPORT" ]]; then
+        listeners+=",SASL_SSL://127.0.0.1:$SPORT"
+        protocols+=",SASL_SSL:SASL_SSL"
+    fi
     cat >"$DIR/server.properties" <<EOF
 # Generated by deploy/kafka/kafka.sh for tests; rewritten on every \`up\`.
 process.roles=broker,controller
@@ -145,10 +194,10 @@ node.id=1
 # Dynamic KRaft quorum (KIP-853): storage is formatted with --standalone.
 controller.quorum.bootstrap.servers=127.0.0.1:$CPORT
 controller.listener.names=CONTROLLER
-listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT
+listeners=$listeners,CONTROLLER://127.0.0.1:$CPORT
+advertised.listeners=$listeners,CONTROLLER://127.0.0.1:$CPORT
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=$protocols
 
 log.dirs=$DIR/data
 num.partitions=4
@@ -175,6 +224,7 @@ num.recovery.threads.per.data.dir=1
 log.retention.hours=24
 log.segment.bytes=67108864
 EOF
+    if [[ -n "$SPORT" ]]; then secure_config >>"$DIR/server.properties"; fi
 }
 
 log_tail() {
@@ -260,7 +310,10 @@ cmd_up() {
     fi
     [[ -n "$CPORT" ]] || CPORT=$((PORT + 1))
     [[ "$CPORT" != "$PORT" ]] || die "KAFKA_PORT and KAFKA_CONTROLLER_PORT must differ"
-    for p in "$PORT" "$CPORT"; do
+    [[ "$SPORT" != auto ]] || SPORT=$((PORT + 2))
+    [[ -z "$SPORT" || ( "$SPORT" != "$PORT" && "$SPORT" != "$CPORT" ) ]] \
+        || die "KAFKA_SASL_SSL_PORT must differ from KAFKA_PORT and KAFKA_CONTROLLER_PORT"
+    for p in "$PORT" "$CPORT" $SPORT; do
         if port_open "$p"; then
             die "port 127.0.0.1:$p is already in use (KAFKA_PORT=$PORT, KAFKA_CONTROLLER_PORT=$CPORT)"
         fi
@@ -268,18 +321,24 @@ cmd_up() {
     bootstrap="127.0.0.1:$PORT"
 
     # Fresh state on every start: tests get an empty cluster.
-    rm -rf "$DIR/data"
+    rm -rf "$DIR/data" "$DIR/sasl_ssl.port"
+    local scram=()
+    if [[ -n "$SPORT" ]]; then
+        make_tls
+        echo "$SPORT" >"$DIR/sasl_ssl.port"
+        scram=(--add-scram "SCRAM-SHA-512=[name=$SASL_USER,password=$SASL_PASSWORD]")
+    fi
     write_config
     echo "$PORT" >"$DIR/kafka.port"
     cluster_id="$(new_cluster_id)"
     if ! "$JAVA" -Xmx256m -XX:TieredStopAtLevel=1 -Dlog4j2.configurationFile="$TOOLS_LOG4J" -cp "$CP" \
-            kafka.tools.StorageTool format -t "$cluster_id" -c "$DIR/server.properties" --standalone \
+            kafka.tools.StorageTool format -t "$cluster_id" -c "$DIR/server.properties" --standalone "${scram[@]}" \
             >"$DIR/format.log" 2>&1 9>&-; then
         cat "$DIR/format.log" >&2
         die "storage format failed (see $DIR/format.log)"
     fi
 
-    log "starting broker on $bootstrap (controller 127.0.0.1:$CPORT, dir $DIR)"
+    log "starting broker on $bootstrap (controller 127.0.0.1:$CPORT${SPORT:+, SASL_SSL 127.0.0.1:$SPORT}, dir $DIR)"
     # setsid: own session, so Ctrl-C to the caller's process group does not hit it.
     # stdio and the lock fd are detached so CI pipes and the lock are not held open.
     # shellcheck disable=SC2086

@@ -86,7 +86,6 @@ import asyncio
 import logging
 import math
 import pickle
-import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -117,6 +116,7 @@ from detector.worker.snapshots import (
     SOURCE_TOPIC_HEADER,
     Snapshot,
     StateReader,
+    ssl_context,
     state_key,
 )
 from detector.worker.web import WorkerWeb
@@ -317,11 +317,7 @@ def source_headers(topic: str, partition: int, offset: int) -> list[tuple[str, b
 
 def broker_credentials(k: KafkaSettings) -> Any:
     """Faust credentials for the configured security protocol (None for PLAINTEXT)."""
-    context = None
-    if k.security_protocol in ("SSL", "SASL_SSL"):
-        context = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
-        if k.ssl_certfile is not None and k.ssl_keyfile is not None:
-            context.load_cert_chain(str(k.ssl_certfile), str(k.ssl_keyfile))
+    context = ssl_context(k)
     if k.security_protocol == "SSL":
         return faust.SSLCredentials(context)
     if k.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL"):

@@ -94,13 +94,20 @@ class Snapshot:
         )
 
 
+def ssl_context(k: KafkaSettings) -> ssl.SSLContext | None:
+    """The TLS context of every client of ours (None without TLS): verifies the brokers, mutual TLS if set."""
+    if k.security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    context = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
+    if k.ssl_certfile is not None and k.ssl_keyfile is not None:
+        context.load_cert_chain(str(k.ssl_certfile), str(k.ssl_keyfile))
+    return context
+
+
 def aiokafka_security(k: KafkaSettings) -> dict[str, Any]:
     """Keyword arguments for plain aiokafka clients, matching the Faust app's credentials."""
     kwargs: dict[str, Any] = {"security_protocol": k.security_protocol}
-    if k.security_protocol in ("SSL", "SASL_SSL"):
-        context = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
-        if k.ssl_certfile is not None and k.ssl_keyfile is not None:
-            context.load_cert_chain(str(k.ssl_certfile), str(k.ssl_keyfile))
+    if (context := ssl_context(k)) is not None:
         kwargs["ssl_context"] = context
     if k.security_protocol.startswith("SASL_"):
         assert k.sasl_password is not None  # checked by KafkaSettings
