@@ -223,13 +223,20 @@ class UsageHandler:
             return Rejected(explain(error))
 
     def apply_all(self, items: Iterable[Usage | Handed], wall: float) -> Iterator[tuple[Usage, list[Alert] | Rejected]]:
-        """Events and handed findings through the engine in order; yields events that raised alerts or made it fail."""
-        self.clock.saw_event(wall)
-        judge, receive = self.judge, self.engine.receive
+        """Events and handed findings through the engine in order; yields events that raised alerts or made it fail.
+
+        Only events tell the idle clock the stream is live: findings handed over, or nothing at all,
+        must not keep it from running event time on over a quiet stream.
+        """
+        judge, receive, live = self.judge, self.engine.receive, False
         for item in items:
             if isinstance(item, Handed):
                 receive(item.at, item.findings)  # booked at the engine's tick of item.at
-            elif result := judge(item):
+                continue
+            if not live:
+                self.clock.saw_event(wall)
+                live = True
+            if result := judge(item):
                 yield item, result
 
     def judge(self, ev: Usage) -> list[Alert] | Rejected:
@@ -297,10 +304,17 @@ class Partition:
     marked_at: float = -math.inf  # usage, repartitioning: wall clock of the last marks sent
 
     def fresh_alerts(self, alerts: Sequence[Alert]) -> list[Alert]:
-        """``alerts`` without those already published by the previous owner of the partition."""
+        """``alerts`` without those already published by a previous owner of the partition.
+
+        Each id is held back once, then forgotten: an alert id is raised once, so what is left in
+        :attr:`published` is what re-processing has yet to reach (and goes into the snapshot).
+        """
         if not self.published:
             return list(alerts)
-        return [a for a in alerts if a.alert_id not in self.published]
+        fresh = [a for a in alerts if a.alert_id not in self.published]
+        if len(fresh) < len(alerts):
+            self.published.difference_update(a.alert_id for a in alerts)
+        return fresh
 
 
 def dlq_headers(reason: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
@@ -422,7 +436,9 @@ class Runtime:
         for part in batch:
             engine = part.handler.engine.snapshot()
             held = pickle.dumps(part.aligner, protocol=pickle.HIGHEST_PROTOCOL) if part.aligner is not None else b""
-            blob = Snapshot(self.topic, part.number, part.offset, alerts_end, engine, part.sources, held).encode()
+            blob = Snapshot(
+                self.topic, part.number, part.offset, alerts_end, engine, part.sources, held, frozenset(part.published)
+            ).encode()
             size += len(blob)
             key = state_key(self.topic, part.number).encode()
             target = self.state_tp(part.number).partition
@@ -495,7 +511,10 @@ class Runtime:
             part = self.parts[n] = self.new_partition(n, engine, aligner)
             part.offset = part.saved_offset = part.acked = snap.offset
             part.sources = dict(snap.sources)
-            part.published = await reader.published_since(k.alerts_topic, snap.alerts_end, (self.topic, n))
+            # What the owners before published beyond the snapshot's offset: those after the snapshot was
+            # written, and those a previous restorer still held back when it wrote it.
+            since = await reader.published_since(k.alerts_topic, snap.alerts_end, (self.topic, n))
+            part.published = set(snap.published) | since
             log.info(
                 "stormwatch: restored %spartition %d from snapshot at offset %d (%d events learned, %d bytes; "
                 "%d alerts published since)",

@@ -151,7 +151,9 @@ class UsageConsumer(mode.Service):
     @mode.Service.task
     async def _forwarder(self) -> None:
         topic = self.runtime.k.by_team_topic
-        while not self.should_stop:
+        # Not `while not self.should_stop`: the last batch and the shutdown snapshot (on_stop) wait for
+        # their forwards, so this runs until the service cancels its tasks, after on_stop.
+        while True:
             key, value, headers, partition, queued = await self._outbox.get()
             assert self._producer is not None
             try:

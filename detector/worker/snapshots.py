@@ -55,6 +55,8 @@ class Snapshot:
     # A by-team partition: "<usage partition>:<team>" -> the last usage offset forwarded into this engine,
     sources: Mapping[str, int] = field(default_factory=dict)
     held: bytes = b""  # and its aligner (detector.worker.align), pickled: the events still waiting
+    # Alert ids a previous owner published beyond ``offset`` that re-processing has not raised again yet.
+    published: frozenset[str] = frozenset()
 
     def encode(self, level: int = 1) -> bytes:
         header = {
@@ -69,6 +71,8 @@ class Snapshot:
             header["sources"] = dict(sorted(self.sources.items()))
         if self.held:
             header["held_bytes"] = len(self.held)
+        if self.published:
+            header["published"] = sorted(self.published)
         body = zlib.compress(self.engine + self.held, level)
         return json.dumps(header, separators=(",", ":")).encode() + b"\n" + body
 
@@ -91,6 +95,7 @@ class Snapshot:
             engine=whole[:split],
             sources={str(k): int(o) for k, o in header.get("sources", {}).items()},
             held=whole[split:],
+            published=frozenset(map(str, header.get("published", ()))),
         )
 
 
