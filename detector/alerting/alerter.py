@@ -6,12 +6,15 @@ Slack and kill-switch webhooks through the durable outbox, breaker changes to th
 breakers topic (key ``<entity type>:<entity id>``). Owners' labels travel on the same topic with
 the header ``stormwatch-record: feedback`` (:func:`publish_feedback`) and take effect when read.
 
-On start the breakers topic is read to its end, so the board knows every breaker, including
-those opened or closed by hand with ``detector breaker``. The responder (breakers, silences)
-is saved next to the outbox after each batch, before the batch's offsets are committed; a crash
-re-reads at most one batch, and the outbox, keyed by alert id, sends nothing twice. Breaker
+The breakers topic is followed from its start for as long as the alerter runs, so the board knows
+every breaker, including those opened or closed by hand with ``detector breaker`` while it runs
+(a breaker closed by hand is not turned half-open by its old expiry); changes by hand made while it
+runs are relayed to the owner's kill-switch webhooks. The responder (breakers, silences) is saved
+next to the outbox after each batch that changed it, before the batch's offsets are committed; a
+crash re-reads at most one batch, and the outbox, keyed by alert id, sends nothing twice. Breaker
 changes are published at least once (a re-read batch may publish a change again; gateways keep
-the higher version).
+the higher version), each after its webhooks are stored. Deliveries finished and Slack threads
+quiet for ``KEEP_SECONDS`` are pruned from the outbox every hour.
 
 Time: breakers and silences run on the wall clock here (a gateway refuses in real time), while
 ``detector replay --notify`` runs the same responder in event time.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import pickle
 import time
@@ -34,16 +38,19 @@ from pydantic import ValidationError
 
 from detector.alerting.dispatch import Dispatcher
 from detector.alerting.policy import Responder
-from detector.breaker_cli import current_changes
-from detector.breakers import entity_key
+from detector.breakers import POLICY_ACTOR, entity_key
+from detector.enforce import BreakerFollower, BreakerTable
 from detector.events import Alert, BreakerChange, IncidentFeedback
 from detector.settings import Settings
-from detector.worker.snapshots import RECORD_HEADER, StateReader, client_options
+from detector.worker.snapshots import RECORD_HEADER, StateReader, aiokafka_security, client_options
 
 log = logging.getLogger("stormwatch.alerter")
 
 FEEDBACK = b"feedback"
 TICK_SECONDS = 1.0
+CATCH_UP_SECONDS = 60.0  # to read the breakers topic to its end at start
+PRUNE_EVERY_SECONDS = 3600.0
+KEEP_SECONDS = 30 * 86400.0  # finished deliveries and quiet Slack threads kept this long
 
 
 async def ensure_topics(settings: Settings) -> None:
@@ -53,7 +60,13 @@ async def ensure_topics(settings: Settings) -> None:
     await admin.start()
     try:
         wanted = [
-            NewTopic(k.alerts_topic, k.partitions, k.replication_factor),
+            # As the worker makes it: whichever of the two starts first creates it.
+            NewTopic(
+                k.alerts_topic,
+                k.partitions,
+                k.replication_factor,
+                topic_configs={"retention.ms": str(int(k.alerts_retention_days * 86400 * 1000))},
+            ),
             NewTopic(k.breakers_topic, k.partitions, k.replication_factor, topic_configs={"cleanup.policy": "compact"}),
         ]
         existing = set(await admin.list_topics())
@@ -104,18 +117,31 @@ class Alerter:
         self.state_path = Path(a.outbox_path).with_suffix(".responder")
         self.producer: AIOKafkaProducer | None = None
         self.consumer: AIOKafkaConsumer | None = None
+        self.follower: BreakerFollower | None = None
         self.dispatcher = Dispatcher(settings, publish_breaker=self._publish, echo=log.info, responder=self._load())
         self.handled = 0
+        self.adopted = 0  # breaker changes made elsewhere, taken from the topic
+        self._changed = True  # the responder changed since it was saved
+        self._pruned_at = -math.inf
 
     def _load(self) -> Responder:
         if self.state_path.exists():
             try:
                 responder: Responder = pickle.loads(self.state_path.read_bytes())
-                responder.alerting, responder.teams = self.settings.alerting, self.settings.teams  # config may change
-                return responder
+                return responder.configure(self.settings)  # the config may have changed since
             except Exception:
                 log.exception("alerter: unreadable %s; starting from the breakers topic alone", self.state_path)
         return Responder(self.settings)
+
+    def _adopt(self, change: BreakerChange) -> None:
+        """A change read from the breakers topic: ours coming back, or one made by hand."""
+        if not self.dispatcher.responder.board.apply(change):
+            return  # ours, or older than what the board knows
+        self.adopted += 1
+        self._changed = True
+        if self.follower is not None and self.follower.ready.done() and change.actor != POLICY_ACTOR:
+            log.info("alerter: breaker %s %s by %s", entity_key(change.entity), change.state.value, change.actor)
+            self.dispatcher.relay(change)
 
     def _save(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
@@ -134,9 +160,18 @@ class Alerter:
     async def start(self) -> None:
         k = self.settings.kafka
         await ensure_topics(self.settings)
-        board = self.dispatcher.responder.board
-        known = sum(board.apply(c) for c in ((await current_changes(k)) or {}).values())
-        log.info("alerter: %d breaker changes adopted from %s", known, k.breakers_topic)
+        self.follower = BreakerFollower(
+            BreakerTable(),
+            k.hosts(),
+            k.breakers_topic,
+            client_id=f"{k.group_id}.alerter-breakers",
+            on_change=self._adopt,
+            **aiokafka_security(k),
+        )
+        await self.follower.start()
+        async with asyncio.timeout(CATCH_UP_SECONDS):
+            await self.follower.ready
+        log.info("alerter: %d breaker changes adopted from %s", self.adopted, k.breakers_topic)
         self.producer = AIOKafkaProducer(acks="all", **client_options(k))
         await self.producer.start()
         self.consumer = AIOKafkaConsumer(
@@ -150,6 +185,7 @@ class Alerter:
 
     async def handle(self, value: bytes, headers: dict[str, bytes]) -> None:
         now = time.time()
+        self._changed = True
         try:
             if headers.get(RECORD_HEADER) == FEEDBACK:
                 feedback = IncidentFeedback.model_validate_json(value)
@@ -170,15 +206,29 @@ class Alerter:
                 for records in batches.values():
                     for r in records:
                         await self.handle(r.value, dict(r.headers))
-                await self.dispatcher.advance(time.time())
-                self._save()  # before the commit: a re-read batch finds the breakers it opened
+                now = time.time()
+                if await self.dispatcher.advance(now):
+                    self._changed = True
+                if self._changed:
+                    self._save()  # before the commit: a re-read batch finds the breakers it opened
+                    self._changed = False
                 if batches:
                     await self.consumer.commit()
+                if now - self._pruned_at >= PRUNE_EVERY_SECONDS:
+                    self._pruned_at = now
+                    if pruned := self.dispatcher.prune(now, KEEP_SECONDS):
+                        log.info(
+                            "alerter: pruned %d deliveries and threads older than %.0f days",
+                            pruned,
+                            KEEP_SECONDS / 86400,
+                        )
         finally:
             stop.set()
             await senders
 
     async def stop(self) -> None:
+        if self.follower is not None:
+            await self.follower.stop()
         for client in (self.consumer, self.producer):
             if client is not None:
                 await client.stop()

@@ -114,11 +114,36 @@ class Dispatcher:
                 targets = ", ".join(f"{n} ({self.endpoints[n].url})" for n in names) or "no webhook"
                 self.echo(f"would publish {describe_change(change)}; webhooks: {targets}")
                 continue
-            if self.publish_breaker is not None:
-                await self.publish_breaker(change)
+            # The outbox first: once published, the change is adopted from the topic after a crash and
+            # never made again, so a webhook not yet stored by then would be lost.
             if self.webhooks is not None:
                 for name in names:
                     self.webhooks.enqueue(change, self.endpoints[name])
+            if self.publish_breaker is not None:
+                await self.publish_breaker(change)
+
+    def relay(self, change: BreakerChange) -> None:
+        """A change made elsewhere (``detector breaker`` by hand) to the owner's kill-switch webhooks.
+
+        Gateways that follow the breakers topic have it already; those told by webhook hear it here.
+        """
+        if self.on_change is not None:
+            self.on_change(change)
+        names = self.responder.route(change.owner).webhooks
+        if self.dry_run:
+            self.echo(f"would relay {describe_change(change)} (by {change.actor}) to webhooks: {', '.join(names)}")
+        elif self.webhooks is not None:
+            for name in names:
+                self.webhooks.enqueue(change, self.endpoints[name])
+
+    def prune(self, now: float, keep_seconds: float) -> int:
+        """Forget deliveries finished and Slack threads quiet for ``keep_seconds``; returns the rows let go."""
+        pruned = 0
+        if self.outbox is not None:
+            pruned += self.outbox.prune(now - keep_seconds)
+        if self.slack is not None:
+            pruned += self.slack.prune(keep_seconds)
+        return pruned
 
     async def run_senders(self, stop: asyncio.Event) -> None:
         """The Slack and webhook delivery loops, until ``stop``."""

@@ -26,10 +26,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 
 from detector.alerting.webhooks import WebhookTarget
-from detector.breakers import BreakerBoard, format_duration, parse_duration
+from detector.breakers import Breaker, BreakerBoard, format_duration, parse_duration
 from detector.events import (
     Alert,
     AlertKind,
@@ -120,6 +120,17 @@ class AlertingSettings(BaseModel):
     )
     tolerance_seconds: float = Field(default=30 * 86400.0, ge=0, description="... for this long.")
 
+    @model_validator(mode="after")
+    def _ttls_within_the_cap(self) -> AlertingSettings:
+        cap = self.breakers.max_ttl
+        for i, rule in enumerate(self.rules):
+            if rule.action == "trip" and rule.breaker_ttl > cap:
+                raise ValueError(
+                    f"rules[{i}].breaker_ttl ({format_duration(rule.breaker_ttl)}) is above "
+                    f"breakers.max_ttl ({format_duration(cap)}), the most a breaker stays open"
+                )
+        return self
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -153,12 +164,22 @@ class Responder:
         self.alerting = settings.alerting
         self.teams = settings.teams
         b = settings.alerting.breakers
-        self.board = BreakerBoard(max_ttl=b.max_ttl, probe_seconds=b.probe_seconds)
+        self.board = BreakerBoard(ttl=min(900.0, b.max_ttl), max_ttl=b.max_ttl, probe_seconds=b.probe_seconds)
         self.silences: dict[tuple[str, str], float] = {}  # (kind, entity key) -> until, epoch seconds
         # (kind, entity key) -> (the ratio an alert must beat, until): widened by false_alarm labels
         self.tolerance: dict[tuple[str, str], tuple[float, float]] = {}
         self.ratios: OrderedDict[str, float] = OrderedDict()  # incident -> its highest ratio (bounded)
-        self.feedback_seen: set[str] = set()
+        self.feedback_seen: OrderedDict[str, None] = OrderedDict()  # label ids taken (bounded, oldest out)
+
+    def configure(self, settings: Settings) -> Responder:
+        """Take the settings of this run (a restored responder keeps what it learned, not its old config)."""
+        self.alerting, self.teams = settings.alerting, settings.teams
+        b = settings.alerting.breakers
+        self.board.max_ttl, self.board.probe_seconds = b.max_ttl, b.probe_seconds
+        self.board.ttl = min(self.board.ttl, b.max_ttl)
+        if isinstance(self.feedback_seen, set):  # pickled by an older version
+            self.feedback_seen = OrderedDict.fromkeys(sorted(self.feedback_seen))
+        return self
 
     def route(self, owner: str) -> Route:
         team, fallback = owner, owner not in self.teams
@@ -199,10 +220,21 @@ class Responder:
                 owner=route.team,
                 reason=alert.explanation.summary,
                 incident_id=alert.incident_id,
-                # the rule's TTL from closed; from half-open the board backs off from the last TTL
-                ttl=rule.breaker_ttl if breaker is None or breaker.state is BreakerState.CLOSED else None,
+                ttl=self._trip_ttl(rule, breaker),
             )
         return Decision(alert, route, "trip", changes, self._status_text(alert.entity, now))
+
+    def _trip_ttl(self, rule: Rule, breaker: Breaker | None) -> float | None:
+        """The rule's TTL from closed; from half-open None: the board backs off from the last TTL.
+
+        A half-open breaker learned from the topic alone (the responder's file lost) has no last TTL
+        (the record of its opening is compacted away): it backs off from the rule's.
+        """
+        if breaker is None or breaker.state is BreakerState.CLOSED:
+            return rule.breaker_ttl
+        if not breaker.ttl:
+            return min(rule.breaker_ttl * self.board.backoff, self.board.max_ttl)
+        return None
 
     def _status_text(self, entity: Entity, now: float) -> str:
         breaker = self.board.get(entity)
@@ -236,7 +268,9 @@ class Responder:
         """
         if feedback.feedback_id in self.feedback_seen:
             return []
-        self.feedback_seen.add(feedback.feedback_id)
+        self.feedback_seen[feedback.feedback_id] = None
+        if len(self.feedback_seen) > MAX_REMEMBERED_INCIDENTS:
+            self.feedback_seen.popitem(last=False)
         if feedback.label is FeedbackLabel.REAL:
             return []
         seconds = feedback.silence_seconds or self.alerting.silence_seconds

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 CHANNEL = "webhook"
 SECRET_PREFIX = "whsec_"
 MAX_ERROR_BODY = 200  # characters of a refusing receiver's body kept in the failure reason
+FAILED_PASS_PAUSE_SECONDS = 5.0  # after a delivery pass failed on the outbox itself
 
 
 class WebhookError(Exception):
@@ -292,8 +293,12 @@ class WebhookSender:
         try:
             while not stop.is_set():
                 self._wake.clear()
-                await self.deliver_due()
-                delay = self.outbox.next_due_in(CHANNEL)
+                try:
+                    await self.deliver_due()
+                    delay = self.outbox.next_due_in(CHANNEL)
+                except Exception:  # the outbox's file (locked, full), a bug: keep the loop, try again shortly
+                    log.exception("webhook delivery pass failed")
+                    delay = FAILED_PASS_PAUSE_SECONDS
                 if delay == 0 or self._wake.is_set():
                     continue
                 woken = asyncio.ensure_future(self._wake.wait())

@@ -620,3 +620,92 @@ def test_a_dispatcher_publishes_breaker_changes_and_stores_each_delivery_once(tm
     box = Outbox(outbox)
     assert box.pending_count() == 7
     box.close()
+
+
+# -- what a review found: ordering against crashes, stale settings, TTL caps -----------------------
+
+
+def test_a_breaker_change_is_stored_for_its_webhooks_before_it_is_published(tmp_path: Path) -> None:
+    """Once published, a restart adopts the change from the topic and never makes it again: its webhook
+    must already be in the outbox, or it is lost for good."""
+    outbox = tmp_path / "outbox.sqlite"
+
+    async def publish(change: BreakerChange) -> None:
+        box = Outbox(outbox)
+        stored = [d.delivery_id for d in box.due("webhook")]
+        box.close()
+        assert f"{change.change_id}:gw" in stored, "published before its webhook was stored"
+        raise ConnectionError("the alerter dies here")
+
+    async def handle() -> None:
+        d = Dispatcher(settings(outbox_path=str(outbox)), publish_breaker=publish)
+        try:
+            await d.handle(make_alert(), T0)
+        finally:
+            await d.close()
+
+    with pytest.raises(ConnectionError):
+        asyncio.run(handle())
+
+
+def test_a_restored_responder_takes_the_breaker_settings_of_this_run() -> None:
+    old = Responder(settings(breakers={"max_ttl": "4h", "probe_seconds": "5m"}))
+    restored = pickle.loads(pickle.dumps(old)).configure(settings(breakers={"max_ttl": "1h", "probe_seconds": "1m"}))
+    assert (restored.board.max_ttl, restored.board.probe_seconds) == (3600.0, 60.0)
+
+
+def test_a_trip_rule_longer_than_the_cap_is_refused_and_a_short_cap_works() -> None:
+    with pytest.raises(ValidationError) as refused:
+        settings(rules=[{"kind": "*", "action": "trip", "breaker_ttl": "8h"}])
+    assert "rules[0].breaker_ttl (8h) is above breakers.max_ttl (4h)" in str(refused.value)
+    short = settings(rules=[{"kind": "*", "action": "trip", "breaker_ttl": "5m"}], breakers={"max_ttl": "10m"})
+    (change,) = Responder(short).decide(make_alert(), T0).changes
+    assert change.expires_at is not None and change.expires_at.timestamp() == T0 + 300
+
+
+def test_a_half_open_breaker_known_only_from_the_topic_backs_off_from_the_rule_ttl() -> None:
+    """The responder's file was lost: compaction kept only the half-open record, not the TTL it opened for."""
+    first = Responder(settings())
+    first.decide(make_alert(kind="agent_loop", entity=Entity(type="session", id="s-1")), T0)
+    (half_open,) = first.advance(T0 + 1800)
+    assert half_open.state is HALF_OPEN
+    fresh = Responder(settings())
+    assert fresh.board.apply(half_open)
+    again = make_alert(kind="agent_loop", entity=Entity(type="session", id="s-1"), at=T0 + 1860)
+    (reopened,) = fresh.decide(again, T0 + 1860).changes
+    assert reopened.expires_at is not None
+    assert reopened.expires_at.timestamp() - (T0 + 1860) == 2 * 1800, "twice the rule's 30 min, as with the file"
+
+
+def test_the_webhook_loop_outlives_a_failing_outbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A locked SQLite file (a backup, an operator's shell) must pause deliveries, not end them."""
+    from detector.alerting import webhooks
+
+    monkeypatch.setattr(webhooks, "FAILED_PASS_PAUSE_SECONDS", 0.01)
+
+    async def scenario() -> int:
+        d = Dispatcher(settings(outbox_path=str(tmp_path / "o.sqlite")))
+        sender = d.webhooks
+        assert sender is not None
+        passes = 0
+        real = sender.deliver_due
+
+        async def locked_then_fine() -> int:
+            nonlocal passes
+            passes += 1
+            if passes <= 3:
+                raise OSError("database is locked")
+            return await real()
+
+        monkeypatch.setattr(sender, "deliver_due", locked_then_fine)
+        stop = asyncio.Event()
+        loop = asyncio.ensure_future(sender.run(stop))
+        async with asyncio.timeout(10):
+            while passes < 4 and not loop.done():  # three failed passes, then one that works
+                await asyncio.sleep(0.01)
+        stop.set()
+        await loop  # raises if the loop died on the error
+        await d.close()
+        return passes
+
+    assert asyncio.run(scenario()) == 4
