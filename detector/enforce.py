@@ -447,7 +447,10 @@ class BreakerFollower:
             return
         self.table.apply(change)
         if self.on_change is not None:
-            self.on_change(change)
+            try:
+                self.on_change(change)
+            except Exception:  # the listener's bug or its full disk must not stop the table following
+                log.exception("breaker follower: on_change failed on %s v%d", change.entity, change.version)
 
 
 # -- the middleware ----------------------------------------------------------------------------

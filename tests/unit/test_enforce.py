@@ -279,3 +279,20 @@ def test_follower_applies_changes_skips_bad_records_and_forgets_on_tombstones() 
     assert table.get("session:s") == c and follower.rejected == 2
     follower._apply(Record(b"session:s", None))
     assert table.get("session:s") is None and follower.records == 4
+
+
+def test_a_listener_that_fails_does_not_stop_the_follower() -> None:
+    """The alerter's listener writes to its outbox; a locked file must not end the table's following."""
+    seen: list[str] = []
+
+    def listener(c: BreakerChange) -> None:
+        seen.append(c.entity.id)
+        if c.entity.id == "bad":
+            raise OSError("database is locked")
+
+    table = BreakerTable()
+    follower = BreakerFollower(table, "127.0.0.1:1", on_change=listener)
+    for key in ("session:bad", "session:next"):
+        follower._apply(Record(key.encode(), change(key, OPEN).model_dump_json().encode()))
+    assert seen == ["bad", "next"]
+    assert table.get("session:bad") is not None and table.get("session:next") is not None
