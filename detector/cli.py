@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -127,6 +128,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=_worker)
 
+    p = sub.add_parser(
+        "produce", help="send usage events from a file to the usage topic, keyed by api_key_id ([kafka])"
+    )
+    p.add_argument("events", help="JSON Lines of usage events (.gz, or - for stdin)")
+    p.add_argument(
+        "--rate", type=float, default=0.0, help="events per second (default: as fast as the broker takes them)"
+    )
+    _config_arg(p)
+    p.set_defaults(run=_produce)
+
     p = sub.add_parser("breaker", help="list, open or close circuit breakers on the breakers topic ([kafka])")
     breaker_cli.add_arguments(p, _config_arg)
     p.set_defaults(run=breaker_cli.run)
@@ -210,7 +221,11 @@ class _Sink:
         self._fh.write(orjson.dumps(record) + b"\n")
         self.count += 1
 
-    def close(self) -> None:
+    def close(self, create: bool = False) -> None:
+        """``create``: an empty file where nothing was written (a script's next step can read it)."""
+        if create and self._fh is None and self.target is not None and str(self.target) != "-":
+            Path(self.target).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.target).write_bytes(b"")
         if self._fh is not None and self._fh is not sys.stdout.buffer:
             self._fh.close()
         elif self._fh is not None:
@@ -264,7 +279,7 @@ def run_replay(
             on_event = feed.observe_event if feed is not None else None
             result = replay(stream, engine, on_alert, on_reject, on_event=on_event)
     finally:
-        alert_sink.close()
+        alert_sink.close(create=True)  # no alerts: an empty file, not none
         reject_sink.close()
     return result, engine, alerts
 
@@ -510,6 +525,18 @@ def _worker(args: argparse.Namespace) -> int:
     from detector.worker.app import run_worker
 
     return run_worker(_settings(args.config), loglevel=args.log_level)
+
+
+def _produce(args: argparse.Namespace) -> int:
+    from detector.produce import produce
+
+    k = _settings(args.config).kafka
+    console = Console(stderr=True)
+    started = time.monotonic()
+    sent = asyncio.run(produce(k, args.events, args.rate))
+    took = time.monotonic() - started
+    console.print(f"sent {sent:,} events to {k.usage_topic} on {k.bootstrap_servers} in {took:.1f} s")
+    return 0
 
 
 def _alerter(args: argparse.Namespace) -> int:

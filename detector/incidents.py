@@ -6,7 +6,7 @@
 * ``firing`` once, ``updated`` when it gets worse (severity up, or the rate or score doubled
   since the last record, at most every ``min_update_gap`` seconds), ``resolved`` after
   ``quiet`` seconds without a finding. A relapse within ``reopen`` seconds reopens the same
-  incident instead of paging again.
+  incident instead of paging again: an ``updated`` record whose summary begins "Back after N min".
 * Incidents open at the same time in the same team link to each other (``related_incidents``).
 
 Ids are derived from content, not drawn at random, so replaying the same events, or a
@@ -51,6 +51,7 @@ class Incident:
     excess_usd: float = 0.0
     related: list[str] = field(default_factory=list)
     resolved_at: float | None = None
+    last_resolved: float = 0.0  # when it last resolved, for the record that reopens it
 
 
 class IncidentBook:
@@ -73,10 +74,11 @@ class IncidentBook:
             inc = self.open.get(key)
             if inc is None and (inc := self.recent.pop(key, None)) is not None:
                 self.open[key] = inc
-                inc.resolved_at = None
+                inc.last_resolved, inc.resolved_at = inc.resolved_at or f.at, None
                 inc.last_seen = f.at
+                gone = f.at - inc.last_resolved
                 inc.finding = f
-                alerts.append(self._record(inc, AlertStatus.UPDATED, f.at))
+                alerts.append(self._record(inc, AlertStatus.UPDATED, f.at, f"Back after {gone / 60:.0f} min: "))
                 continue
             if inc is None:
                 alerts.append(self._open(key, f))
@@ -132,14 +134,14 @@ class IncidentBook:
         self.open[key] = inc
         return self._record(inc, AlertStatus.FIRING, f.at)
 
-    def _record(self, inc: Incident, status: AlertStatus, now: float) -> Alert:
+    def _record(self, inc: Incident, status: AlertStatus, now: float, note: str = "") -> Alert:
         f = inc.finding
         if status is not AlertStatus.FIRING:
             inc.sequence += 1
         inc.reported_score = f.score
         inc.reported_rate = f.cost_rate_usd_per_hour
         inc.reported_at = now
-        summary = f.summary
+        summary = note + f.summary
         if status is AlertStatus.RESOLVED:
             summary = f"Resolved: no sign of it for {self.quiet[inc.kind] / 60:.0f} min. Was: {summary}"
         return Alert(

@@ -238,8 +238,10 @@ class Responder:
 
     def _status_text(self, entity: Entity, now: float) -> str:
         breaker = self.board.get(entity)
-        if breaker is None or breaker.state is BreakerState.CLOSED:
+        if breaker is None:
             return "Notify only: no breaker tripped."
+        if breaker.state is BreakerState.CLOSED:
+            return f"Breaker on {entity} closed again at {utc_from_epoch(breaker.since):%H:%M} UTC ({breaker.reason})."
         if breaker.state is BreakerState.HALF_OPEN:
             return f"Breaker on {entity} is half-open: probing."
         expires = breaker.expires_at

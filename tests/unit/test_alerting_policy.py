@@ -226,6 +226,8 @@ def test_breakers_move_open_half_open_closed_in_event_time() -> None:
     assert states([closed]) == [("half_open", "closed")] and closed.changed_at.timestamp() == T0 + 1200
     assert opened.version < half.version < closed.version
     assert r.advance(T0 + 5000) == []
+    resolved = r.decide(make_alert(status="resolved", sequence=2, at=T0 + 5000), T0 + 5000)
+    assert resolved.action_text.startswith("Breaker on api_key:k1 closed again at "), "not 'no breaker tripped'"
 
     # A new incident trips it again from closed, with the rule's TTL.
     (again,) = r.decide(make_alert(incident="inc-2", at=T0 + 6000), T0 + 6000).changes

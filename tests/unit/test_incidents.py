@@ -76,9 +76,11 @@ def test_a_key_and_its_agent_in_one_team_are_one_incident() -> None:
 def test_relapse_within_the_reopen_window_reopens_the_same_incident() -> None:
     book = IncidentBook(reopen=1800)
     (fire,) = book.observe([finding(0)])
-    book.tick(200)
+    (resolved,) = book.tick(200)
+    assert resolved.status.value == "resolved"
     (reopened,) = book.observe([finding(600)])
     assert reopened.incident_id == fire.incident_id and reopened.status.value == "updated"
+    assert reopened.explanation.summary == "Back after 7 min: storm x5.0", "it says it came back, after how long"
     book.tick(800)
     book.tick(800 + 1801)
     (new,) = book.observe([finding(5000)])

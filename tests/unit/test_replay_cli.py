@@ -67,6 +67,15 @@ def test_strict_exits_non_zero_on_rejects(tmp_path: Path) -> None:
     assert main(["replay", str(events), "--quiet", "--rejects-out", str(tmp_path / "r.jsonl")]) == 0
 
 
+def test_a_replay_without_alerts_still_writes_its_alerts_file(tmp_path: Path) -> None:
+    """A script's next step reads the file: no alerts is an empty file, not a missing one."""
+    events = write(tmp_path / "events.jsonl", storm_lines()[:10])
+    alerts = tmp_path / "out" / "alerts.jsonl"
+    assert main(["replay", str(events), "--alerts-out", str(alerts), "--quiet"]) == 0
+    assert alerts.read_bytes() == b""
+    assert not (tmp_path / "out" / "rejects.jsonl").exists(), "and no rejects file when nothing was rejected"
+
+
 def test_replay_reads_stdin_and_prints_a_summary(tmp_path: Path) -> None:
     data = b"\n".join(storm_lines()) + b"\n"
     proc = subprocess.run(
