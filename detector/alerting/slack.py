@@ -315,6 +315,7 @@ def _section(text: str) -> dict[str, Any]:
 # ok=false errors that say "Slack had a problem", not "this message can never go": retried.
 TRANSIENT_ERRORS = frozenset({"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"})
 # chat.update errors after which the parent simply stays as it was (the reply in the thread went out).
+FIND_SLACK_SECONDS = 120.0  # a lost post is looked for from this long before its first attempt (clock skew)
 _PARENT_GONE = frozenset({"message_not_found", "cant_update_message", "edit_window_closed", "is_inactive"})
 
 _THREADS_SCHEMA = """
@@ -328,6 +329,11 @@ CREATE TABLE IF NOT EXISTS slack_messages (
     posted_at   REAL NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS slack_roots ON slack_messages (incident_id, target) WHERE thread_ts IS NULL;
+CREATE TABLE IF NOT EXISTS slack_attempts (
+    alert_id    TEXT PRIMARY KEY,   -- a chat.postMessage sent for this record whose answer was not recorded
+    thread_ts   TEXT,               -- the thread it went to (NULL: top level)
+    started_at  REAL NOT NULL       -- epoch seconds of the first such attempt
+);
 CREATE INDEX IF NOT EXISTS slack_by_incident ON slack_messages (incident_id, posted_at);
 """
 
@@ -372,10 +378,26 @@ class SlackThreads:
         return Posted(*row) if row else None
 
     def record(self, alert_id: str, incident_id: str, target: str, posted: Posted, at: float) -> None:
-        self._db.execute(
-            "INSERT OR IGNORE INTO slack_messages VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (alert_id, incident_id, target, posted.channel, posted.ts, posted.thread_ts, at),
-        )
+        with self._db:
+            self._db.execute(
+                "INSERT OR IGNORE INTO slack_messages VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (alert_id, incident_id, target, posted.channel, posted.ts, posted.thread_ts, at),
+            )
+            self._db.execute("DELETE FROM slack_attempts WHERE alert_id = ?", (alert_id,))
+
+    def attempting(self, alert_id: str, thread_ts: str | None, at: float) -> None:
+        """Note a post about to go out, before it does: if its answer is lost, the next try looks first."""
+        self._db.execute("INSERT OR IGNORE INTO slack_attempts VALUES (?, ?, ?)", (alert_id, thread_ts, at))
+
+    def forget_attempt(self, alert_id: str) -> None:
+        self._db.execute("DELETE FROM slack_attempts WHERE alert_id = ?", (alert_id,))
+
+    def attempt(self, alert_id: str) -> tuple[str | None, float] | None:
+        """(thread, first time) of a post sent for this record whose answer was never recorded."""
+        row = self._db.execute(
+            "SELECT thread_ts, started_at FROM slack_attempts WHERE alert_id = ?", (alert_id,)
+        ).fetchone()
+        return (row[0], float(row[1])) if row else None
 
     def prune(self, before: float) -> int:
         """Forget incidents whose last message was posted before ``before`` (epoch seconds)."""
@@ -384,7 +406,8 @@ class SlackThreads:
             " (SELECT incident_id FROM slack_messages GROUP BY incident_id HAVING MAX(posted_at) < ?)",
             (before,),
         )
-        return cursor.rowcount
+        stale = self._db.execute("DELETE FROM slack_attempts WHERE started_at < ?", (before,))
+        return cursor.rowcount + stale.rowcount
 
     def close(self) -> None:
         self._db.close()
@@ -393,10 +416,12 @@ class SlackThreads:
 class _Transient(Exception):
     """Slack cannot take anything now (unreachable, 5xx, rate limited): the cause is Slack, not this message."""
 
-    def __init__(self, reason: str, *, retry_after: float | None = None) -> None:
+    def __init__(self, reason: str, *, retry_after: float | None = None, maybe_done: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        # Slack may have carried the call out (no answer, or a 5xx a proxy may give after forwarding it).
+        self.maybe_done = maybe_done
 
 
 class _Permanent(Exception):
@@ -420,7 +445,7 @@ def _classify(exc: SlackApiError) -> _Transient | _Permanent:
     if status == 429 or code == "ratelimited":
         return _Transient(f"HTTP {status} ratelimited", retry_after=_retry_after(response))
     if status >= 500 or code in TRANSIENT_ERRORS:
-        return _Transient(f"HTTP {status} {code}".rstrip())
+        return _Transient(f"HTTP {status} {code}".rstrip(), maybe_done=status >= 500)
     return _Permanent(code or f"HTTP {status}")
 
 
@@ -613,12 +638,18 @@ class SlackSender:
         try:
             if method == "chat.postMessage":
                 response = await self.client.chat_postMessage(**kwargs)
-            else:
+            elif method == "chat.update":
                 response = await self.client.chat_update(**kwargs)
+            elif method == "conversations.history":
+                response = await self.client.conversations_history(**kwargs)
+            else:
+                response = await self.client.conversations_replies(**kwargs)
         except SlackApiError as exc:
             raise _classify(exc) from exc
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except aiohttp.ClientConnectorError as exc:  # not connected: nothing was sent
             raise _Transient(f"{method}: {type(exc).__name__}: {exc}") from exc
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _Transient(f"{method}: {type(exc).__name__}: {exc}", maybe_done=True) from exc
         return dict(response.data) if isinstance(response.data, dict) else {}
 
     async def _send(self, delivery: Delivery) -> dict[str, Any]:
@@ -631,10 +662,17 @@ class SlackSender:
         target = delivery.target
         root = self.threads.root(alert.incident_id, target)
         done = self.threads.posted(alert.alert_id)  # posted before a crash or a failed parent update
+        if done is None and (tried := self.threads.attempt(alert.alert_id)) is not None:
+            # A post went out and its answer was lost (a timeout, a dropped connection, a crash): Slack
+            # may have it. Look before posting again, or the incident gets a second top-level message.
+            done = await self._find(target, tried[0], alert.alert_id, since=tried[1] - FIND_SLACK_SECONDS)
+            if done is not None:
+                self.threads.record(alert.alert_id, alert.incident_id, target, done, time.time())
         if done is None:
             reply_to = root.ts if root is not None else None
-            answer = await self._call(
-                "chat.postMessage",
+            self.threads.attempting(alert.alert_id, reply_to, time.time())
+            answer = await self._post(
+                alert.alert_id,
                 channel=target,
                 thread_ts=reply_to,
                 unfurl_links=False,
@@ -651,6 +689,38 @@ class SlackSender:
         if root is not None and done.thread_ts is not None:
             result["parent_updated"] = await self._update_parent(root, message, delivery)
         return result
+
+    async def _post(self, alert_id: str, **kwargs: Any) -> dict[str, Any]:
+        """chat.postMessage; a failure that certainly posted nothing clears the attempt (no need to look)."""
+        try:
+            return await self._call("chat.postMessage", **kwargs)
+        except (_Transient, _Permanent) as exc:
+            if not getattr(exc, "maybe_done", False):
+                self.threads.forget_attempt(alert_id)
+            raise
+
+    async def _find(self, channel: str, thread_ts: str | None, alert_id: str, since: float) -> Posted | None:
+        """The message posted for ``alert_id`` (by its metadata) since ``since``, if Slack has it.
+
+        Needs the ``channels:history`` scope (``groups:history`` for private channels). Without it, or
+        for a channel given by name, nothing can be found: the record is posted again (a duplicate is
+        better than a lost page), and the reason logged.
+        """
+        method = "conversations.history" if thread_ts is None else "conversations.replies"
+        kwargs: dict[str, Any] = {"channel": channel, "oldest": f"{since:.6f}", "limit": 200}
+        if thread_ts is not None:
+            kwargs["ts"] = thread_ts
+        try:
+            answer = await self._call(method, include_all_metadata=True, **kwargs)
+        except _Permanent as exc:
+            log.warning("slack: cannot look for the lost post of %s (%s); posting it again", alert_id, exc)
+            return None
+        for m in answer.get("messages") or []:
+            payload = (m.get("metadata") or {}).get("event_payload") or {}
+            if payload.get("alert_id") == alert_id and m.get("ts"):
+                log.info("slack: the post of %s whose answer was lost is there (ts %s)", alert_id, m["ts"])
+                return Posted(channel, str(m["ts"]), thread_ts)
+        return None
 
     async def _update_parent(self, root: Posted, message: SlackMessage, delivery: Delivery) -> bool:
         """Edit the incident's top-level message to this record (its header shows the status now)."""

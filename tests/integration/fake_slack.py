@@ -1,6 +1,7 @@
 """A stand-in for Slack's Web API on 127.0.0.1, for the Slack sender's tests.
 
-It answers ``auth.test``, ``chat.postMessage`` and ``chat.update`` the way Slack does (HTTP 200 with
+It answers ``auth.test``, ``chat.postMessage``, ``chat.update``, ``conversations.history`` and
+``conversations.replies`` (with message metadata when asked for it) the way Slack does (HTTP 200 with
 ``{"ok": false, "error": ...}`` for refusals, increasing ``ts`` values, Block Kit limits enforced as
 ``invalid_blocks``), records every request, and can be told to misbehave: answer the next calls with 429
 and ``Retry-After``, or with 500, or refuse a channel, or be down (nothing listening on its port).
@@ -46,6 +47,15 @@ class Message:
     blocks: list[dict[str, Any]]
     thread_ts: str | None
     edits: int = 0
+    metadata: dict[str, Any] | None = None
+
+    def as_json(self, with_metadata: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "message", "text": self.text, "ts": self.ts, "bot_id": "B0000BOT"}
+        if self.thread_ts:
+            out["thread_ts"] = self.thread_ts
+        if with_metadata and self.metadata:
+            out["metadata"] = self.metadata
+        return out
 
 
 @dataclass
@@ -67,7 +77,8 @@ class FakeSlack:
 
     def __post_init__(self) -> None:
         self._faults: list[_Fault] = []
-        self._next_ts = 1_793_952_000 * 1_000_000  # microseconds; ts = "seconds.micros"
+        self._late: list[tuple[str, float]] = []  # (method, seconds): answer the next such call that late
+        self._next_ts = int(time.time() * 1_000_000)  # microseconds, from now, as Slack's; ts = "seconds.micros"
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -95,6 +106,7 @@ class FakeSlack:
                 self.port = probe.getsockname()[1]
         app = web.Application()
         app.router.add_post("/api/{method}", self._handle)
+        app.router.add_get("/api/{method}", self._handle)  # slack-sdk reads conversations.* with GET
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
@@ -113,6 +125,10 @@ class FakeSlack:
     ) -> None:
         """Answer the next ``count`` calls (of ``methods``, default any) with ``status`` (429: ratelimited)."""
         self._faults.append(_Fault(count, status, retry_after, frozenset(methods) if methods else None))
+
+    def answer_late(self, method: str, seconds: float) -> None:
+        """Carry out the next ``method`` call, but answer it only after ``seconds`` (Slack slow, a proxy)."""
+        self._late.append((method, seconds))
 
     # -- looking at what happened ----------------------------------------------------------------
 
@@ -151,6 +167,10 @@ class FakeSlack:
         self.requests.append(Call(method, headers, body, time.monotonic(), status, answer))
         async with self._changed:
             self._changed.notify_all()
+        late = next((x for x in self._late if x[0] == method), None)
+        if late is not None:
+            self._late.remove(late)
+            await asyncio.sleep(late[1])
         if status >= 500:
             return web.Response(status=status, text="<html>upstream error</html>", content_type="text/html")
         return web.json_response(answer, status=status, headers=extra)
@@ -177,11 +197,13 @@ class FakeSlack:
                 "user_id": "U0000BOT",
                 "bot_id": "B0000BOT",
             }
-        if method not in ("chat.postMessage", "chat.update"):
+        if method not in ("chat.postMessage", "chat.update", "conversations.history", "conversations.replies"):
             return {"ok": False, "error": "unknown_method"}
         channel = str(body.get("channel", ""))
         if not channel or channel in self.refused_channels:
             return {"ok": False, "error": "channel_not_found"}
+        if method.startswith("conversations."):
+            return self._read(method, channel, body)
         blocks = body.get("blocks") or []
         text = str(body.get("text") or "")
         if not text and not blocks:
@@ -200,11 +222,25 @@ class FakeSlack:
             return {"ok": False, "error": "thread_not_found"}
         self._next_ts += 100
         ts = f"{self._next_ts // 1_000_000}.{self._next_ts % 1_000_000:06d}"
-        self.messages[(channel, ts)] = Message(channel, ts, text, blocks, str(thread_ts) if thread_ts else None)
-        message_json: dict[str, Any] = {"type": "message", "text": text, "ts": ts, "bot_id": "B0000BOT"}
-        if thread_ts:
-            message_json["thread_ts"] = thread_ts
-        return {"ok": True, "channel": channel, "ts": ts, "message": message_json}
+        metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else None
+        message = Message(channel, ts, text, blocks, str(thread_ts) if thread_ts else None, metadata=metadata)
+        self.messages[(channel, ts)] = message
+        return {"ok": True, "channel": channel, "ts": ts, "message": message.as_json(with_metadata=False)}
+
+    def _read(self, method: str, channel: str, body: dict[str, Any]) -> dict[str, Any]:
+        """conversations.history (top level, newest first) or .replies (the parent, then its thread)."""
+        oldest = float(body.get("oldest") or 0)
+        with_metadata = str(body.get("include_all_metadata", "")).lower() in ("1", "true")
+        if method == "conversations.history":
+            found = [m for m in self.messages.values() if m.channel == channel and m.thread_ts is None]
+            found.sort(key=lambda m: float(m.ts), reverse=True)
+        else:
+            parent = str(body.get("ts", ""))
+            if (channel, parent) not in self.messages:
+                return {"ok": False, "error": "thread_not_found"}
+            found = [self.messages[(channel, parent)], *self.replies(parent)]
+        messages = [m.as_json(with_metadata) for m in found if float(m.ts) >= oldest]
+        return {"ok": True, "messages": messages, "has_more": False}
 
 
 def block_kit_problem(blocks: Any) -> str | None:

@@ -240,6 +240,44 @@ def test_a_500_on_the_parent_update_does_not_post_the_reply_twice(tmp_path: Path
     run(scenario)
 
 
+@pytest.mark.parametrize("lost", ["firing", "updated"])
+def test_a_post_whose_answer_is_lost_is_found_and_not_posted_twice(tmp_path: Path, lost: str) -> None:
+    """Slack took the message but the answer came after the timeout: the retry finds it by its metadata."""
+
+    async def scenario() -> None:
+        async with FakeSlack() as slack:
+            path = tmp_path / "outbox.db"
+            sender = SlackSender(
+                Outbox(path, base_delay=0.05, max_delay=0.3),
+                state_path=path,
+                token=slack.token,
+                base_url=slack.base_url,
+                request_timeout=1,
+                pause_base=0.05,
+                pause_max=0.3,
+                idle_check=None,
+            )
+            firing, updated, resolved = lifecycle("inc-a")
+            if lost == "firing":
+                slack.answer_late("chat.postMessage", 2.0)
+            for alert in (firing, updated, resolved):
+                sender.enqueue(alert, CH, None)
+            async with running(sender):
+                if lost == "updated":
+                    await slack.wait_for(lambda s: posted_ok(s) == 1)
+                    slack.answer_late("chat.postMessage", 2.0)
+                await slack.wait_for(lambda s: updated_ok(s) == 2)
+
+            [root] = slack.top_level()
+            assert len(slack.replies(root.ts)) == 2, "the updated and resolved records, once each"
+            assert header(root.blocks).startswith("✅ RESOLVED"), "the header follows the status"
+            looked = "conversations.history" if lost == "firing" else "conversations.replies"
+            assert len(slack.calls(looked, ok=True)) == 1
+            await close(sender)
+
+    run(scenario)
+
+
 def test_a_restarted_sender_threads_under_the_message_it_posted_before(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     firing, updated, resolved = lifecycle("inc-a")
