@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import tomllib
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Annotated, Any, get_type_hints
 
 import yaml  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, create_model, model_validator
@@ -36,13 +36,21 @@ _NOT_TUNABLE = {"self", "budgets", "spent_to_date"}  # budgets come from [teams.
 
 
 def _params_model(cls: type) -> type[BaseModel]:
-    """A pydantic model of a detector's constructor arguments: one source of truth for both."""
+    """A pydantic model of a detector's constructor arguments: one source of truth for both.
+
+    Every number is a ratio, an amount, a duration or a count, so it must be finite and above zero
+    (``min_*`` floors may be zero): a negative threshold or a zero interval is refused at start.
+    """
     hints = get_type_hints(cls.__init__)  # type: ignore[misc]
-    fields: dict[str, Any] = {
-        name: (hints[name], p.default)
-        for name, p in inspect.signature(cls.__init__).parameters.items()  # type: ignore[misc]
-        if name not in _NOT_TUNABLE
-    }
+    fields: dict[str, Any] = {}
+    for name, p in inspect.signature(cls.__init__).parameters.items():  # type: ignore[misc]
+        if name in _NOT_TUNABLE:
+            continue
+        kind = hints[name]
+        if kind in (int, float):
+            bound = {"ge": 0} if name.startswith("min_") else {"gt": 0}
+            kind = Annotated[kind, Field(allow_inf_nan=False, **bound)]  # type: ignore[call-overload]
+        fields[name] = (kind, p.default)
     return create_model(f"{cls.__name__}Params", __config__=ConfigDict(extra="forbid"), **fields)
 
 

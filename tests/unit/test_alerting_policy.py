@@ -326,6 +326,9 @@ def test_a_real_label_changes_nothing() -> None:
         ({"alerting": {"default_owner": ""}}, "alerting.default_owner", "at least 1"),
         ({"alerting": {"slack": {"tokn": "xoxb-1"}}}, "alerting.slack.tokn", "Extra inputs"),
         ({"teams": {"search": {"slack_chanel": "C1"}}}, "teams.search.slack_chanel", "Extra inputs"),
+        ({"detectors": {"cost_spike": {"interval": 0}}}, "detectors.cost_spike.interval", "greater than 0"),
+        ({"detectors": {"cost_spike": {"min_excess_usd_per_hour": -1}}}, "min_excess_usd_per_hour", "or equal to 0"),
+        ({"detectors": {"budget_burn": {"fast_burn": "inf"}}}, "detectors.budget_burn.fast_burn", "finite number"),
     ],
 )
 def test_a_broken_config_is_refused_naming_the_field(patch: dict[str, Any], field: str, says: str) -> None:
