@@ -184,3 +184,36 @@ def test_a_stop_under_live_traffic_saves_every_partition_and_ends() -> None:
         return len(broker.logs.get(k.state_topic, [])) - saved
 
     assert asyncio.run(scenario()) >= 1, "the shutdown snapshot was written"
+
+
+def test_events_let_go_by_the_wall_clock_are_snapshotted_at_once(wall: WallClock) -> None:
+    """A usage partition never heard from stops holding the others back after its grace: that release is
+    the wall clock's doing, which a restore would redo differently, so the by-team partition saves it."""
+    k, settings, broker = KafkaSettings(), Settings(), Broker()
+    records = usage_records(broker, k.usage_topic)[:600]
+
+    async def forward(key: bytes | None, value: bytes, headers: list[tuple[str, bytes]], _: int | None) -> Any:
+        broker.append(k.by_team_topic, key, value, headers)
+        return asyncio.sleep(0)
+
+    def by_team_snapshots() -> int:
+        key = f"{k.by_team_topic}:0".encode()
+        return sum(r.key == key for r in broker.logs.get(k.state_topic, []))
+
+    async def scenario() -> tuple[int, int, int]:
+        usage = runtime(broker, k, k.usage_topic, lambda: Engine.from_settings(settings, "key"), forward=forward)
+        usage.fanout, usage.sources_total = [0], 2  # a second usage partition that never speaks
+        team = runtime(broker, k, k.by_team_topic, lambda: Engine.from_settings(settings, "team"), forwarded=True)
+        await usage.assigned([TopicPartition(k.usage_topic, 0)])
+        await team.assigned([TopicPartition(k.by_team_topic, 0)])
+        await feed(usage, k.usage_topic, records)
+        await feed(team, k.by_team_topic, broker.logs[k.by_team_topic])
+        held = len(team.parts[0].aligner or [])
+        before = by_team_snapshots()
+        wall.now += k.align_wait_seconds + 1  # the silent partition's grace is over
+        await team.idle_tick()
+        return held, len(team.parts[0].aligner or []), by_team_snapshots() - before
+
+    held, left, saved = asyncio.run(scenario())
+    assert held > 0 and left < held, "held for the silent partition, then let go by the wall clock"
+    assert saved == 1
