@@ -183,7 +183,7 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
         "--config",
         type=Path,
         default=os.environ.get("STORMWATCH_CONFIG"),
-        help="TOML config file (default: $STORMWATCH_CONFIG); STORMWATCH_* variables override it",
+        help="TOML or YAML config file (default: $STORMWATCH_CONFIG); STORMWATCH_* variables override it",
     )
 
 
@@ -583,6 +583,9 @@ def _schemas(args: argparse.Namespace) -> int:
     from detector import schemas
 
     if args.check:
+        if not args.dir.is_dir():
+            print(f"no {args.dir}/ here: run it in the repository, or give --dir", file=sys.stderr)
+            return 1
         stale = schemas.drift(args.dir)
         for name in stale:
             print(f"{args.dir / name} differs from the models; run `detector schemas --write`", file=sys.stderr)
