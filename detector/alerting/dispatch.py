@@ -20,10 +20,10 @@ from typing import Any
 
 from detector.alerting.outbox import Outbox
 from detector.alerting.policy import Decision, Responder
-from detector.alerting.slack import SlackSender, header_for
+from detector.alerting.slack import CHANNEL, SlackSender, header_for
 from detector.alerting.webhooks import WebhookEndpoint, WebhookSender
 from detector.breakers import entity_key, format_duration
-from detector.events import Alert, BreakerChange, IncidentFeedback
+from detector.events import Alert, AlertStatus, BreakerChange, IncidentFeedback
 from detector.settings import Settings
 
 log = logging.getLogger("stormwatch.alerting")
@@ -84,6 +84,11 @@ class Dispatcher:
         route = decision.route
         if decision.silenced:
             self.echo(f"silenced  {header_for(alert)} (an owner's label)")
+            if alert.status is AlertStatus.RESOLVED and self._in_slack(alert, route.slack_channel):
+                # Not a page: it closes the thread the incident began before it was labelled, whose
+                # header would otherwise say FIRING for good.
+                assert self.slack is not None and route.slack_channel is not None
+                self.slack.enqueue(alert, route.slack_channel, decision.action_text)
             return decision
         if route.slack_channel is None:
             self.echo(f"no Slack channel for team {route.team}: {header_for(alert)}")
@@ -93,6 +98,11 @@ class Dispatcher:
             self.slack.enqueue(alert, route.slack_channel, decision.action_text)
         await self._breaker_changes(decision.changes, route.webhooks)
         return decision
+
+    def _in_slack(self, alert: Alert, channel: str | None) -> bool:
+        return (
+            self.slack is not None and channel is not None and self.slack.outbox.has_group(CHANNEL, alert.incident_id)
+        )
 
     async def advance(self, now: float) -> list[BreakerChange]:
         """Breakers that expire or close by time; their changes are carried out like the others."""

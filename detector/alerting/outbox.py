@@ -218,6 +218,10 @@ class Outbox:
         rows = self._query(sql, channel or "")
         return [(_delivery(row[:-1]), row[-1]) for row in rows]
 
+    def has_group(self, channel: str, group: str) -> bool:
+        """Whether anything of ``group`` (an incident) was ever stored for ``channel`` (and not pruned)."""
+        return bool(self._query("SELECT 1 FROM outbox WHERE channel = ? AND grp = ? LIMIT 1", channel, group))
+
     def pending_count(self, channel: str | None = None) -> int:
         sql = f"SELECT COUNT(*) FROM outbox WHERE state = '{PENDING}' AND {_IN_CHANNEL}"
         rows = self._query(sql, channel or "")

@@ -714,3 +714,24 @@ def test_the_webhook_loop_outlives_a_failing_outbox(tmp_path: Path, monkeypatch:
         return passes
 
     assert asyncio.run(scenario()) == 4
+
+
+def test_a_labelled_incident_still_closes_its_slack_thread_and_a_silenced_one_posts_nothing(tmp_path: Path) -> None:
+    """The label silences pages, not the end of a thread already posted: its header would say FIRING for good."""
+    outbox = tmp_path / "outbox.sqlite"
+    s = settings(outbox_path=str(outbox), slack={"token": "xoxb-1", "base_url": "http://127.0.0.1:9/api/"})
+
+    async def scenario() -> list[str]:
+        d = Dispatcher(s, echo=lambda _: None)
+        await d.handle(make_alert(), T0)
+        await d.feedback(feedback("false_alarm"), T0 + 120)
+        await d.handle(make_alert(status="resolved", sequence=1, at=T0 + 300), T0 + 300)
+        # A new incident on the silenced pattern: silenced from its start, so nothing of it goes out.
+        await d.handle(make_alert(incident="inc-2", at=T0 + 900), T0 + 900)
+        await d.handle(make_alert(incident="inc-2", status="resolved", sequence=1, at=T0 + 1200), T0 + 1200)
+        assert d.outbox is not None
+        stored = [row[0] for row in d.outbox._query("SELECT delivery_id FROM outbox WHERE channel = 'slack'")]
+        await d.close()
+        return stored
+
+    assert asyncio.run(scenario()) == ["inc-1-0", "inc-1-1"]
