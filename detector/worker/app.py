@@ -787,13 +787,14 @@ class Runtime:
                 if part.aligner is not None:
                     # Let go the events whose wait is over, and follow the usage partitions' event time.
                     pending: list[Awaitable[Any]] = []
-                    held = len(part.aligner)
                     await self._release(part, wall, pending, part.offset)
                     await asyncio.gather(*pending)
-                    if pending or len(part.aligner) < held:
+                    if pending:
                         # Batches release what the marks allow; what is left to this tick went because a usage
                         # partition fell silent, by the wall clock. A restore would give it its grace again and
-                        # order these events otherwise: save what was judged so it is not judged twice.
+                        # judge these events in another order: save the alerts they raised so they do not
+                        # come again under other ids. (Not on every such release: draining a backlog with
+                        # paused partitions, that would be a snapshot a second.)
                         await self.save([part])
                     if len(part.aligner) or part.aligner.low(wall) != math.inf:
                         continue  # event time comes from the usage partitions while any is live
