@@ -15,7 +15,9 @@ partition holds events back, the way a stream processor aligns watermarks after 
   them; then they go to the engine oldest first;
 * a source that has said nothing for ``idle_after`` seconds of wall clock (no traffic, a dead
   worker not yet replaced) stops holding the others back, and so does one never heard from
-  ``idle_after`` seconds after the first was; its events, when they come, are simply late;
+  ``idle_after`` seconds after the first was; its events, when they come, are simply late. A
+  source the same worker reads and knows to be behind (records left to fetch) is never taken
+  for silent, however long its batches take (:meth:`Aligner.alive`);
 * at most ``max_held`` events wait: past that the oldest go regardless, so memory stays bounded
   whatever a stalled source does (counted in ``forced``).
 
@@ -91,6 +93,16 @@ class Aligner(Generic[T]):
         s.heard_at = wall
         if sources is not None:
             self.sources = sources
+
+    def alive(self, source: int, wall: float) -> None:
+        """``source`` is known to have records still to send (its worker reads it, behind): not silent.
+
+        Its watermark stays: what it has passed is only known from its packs and marks, which may
+        still be on their way.
+        """
+        s = self.seen.get(source)
+        if s is not None and wall > s.heard_at:
+            s.heard_at = wall
 
     def low(self, wall: float) -> float:
         """The event time every live source has passed; +inf when none holds the others back."""

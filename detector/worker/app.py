@@ -860,6 +860,17 @@ class Runtime:
                 low = min(low, p.aligner.low(wall))
         return held, low
 
+    def alive(self, sources: Iterable[int], wall: float) -> None:
+        """By-team: these usage partitions are read by this worker and behind, so not silent (Aligner.alive)."""
+        for p in self.parts.values():
+            if p.aligner is not None:
+                for n in sources:
+                    p.aligner.alive(n, wall)
+
+    def behind(self, ends: Mapping[int, int | None]) -> list[int]:
+        """Of this worker's partitions, those with records past what the engine has (``ends``: high watermarks)."""
+        return [n for n, p in self.parts.items() if (end := ends.get(n)) is not None and end > p.offset + 1]
+
     def positions(self) -> dict[TopicPartition, int]:
         """The next offset of each partition: what the group may commit."""
         return {TopicPartition(self.topic, n): p.acked + 1 for n, p in self.parts.items() if p.acked >= 0}

@@ -169,6 +169,7 @@ class UsageConsumer(mode.Service):
                     batches = await self.consumer.getmany(timeout_ms=POLL_MS, max_records=MAX_BATCH)
                 except ConsumerStoppedError:
                     return
+                self._alive()
                 for topic, runtime in self.runtimes.items():
                     mine = {tp: records for tp, records in batches.items() if tp.topic == topic}
                     if mine:
@@ -179,6 +180,23 @@ class UsageConsumer(mode.Service):
                     await self.commit()
         finally:
             self._loop_done.set()
+
+    def _alive(self) -> None:
+        """Tell the by-team partitions which usage partitions this worker reads and is behind on.
+
+        A usage partition is taken for silent after ``align_wait_seconds`` without a mark; on a busy
+        or starved machine a partition merely behind can go that long between batches, and its
+        events would then come late. One with records left to fetch is not silent.
+        """
+        k = self.runtime.k
+        by_team = self.runtimes.get(k.by_team_topic) if k.repartition_by_team else None
+        if by_team is None:
+            return
+        ends = {
+            tp.partition: self.consumer.highwater(tp) for tp in self.consumer.assignment() if tp.topic == k.usage_topic
+        }
+        if behind := self.runtime.behind(ends):
+            by_team.alive(behind, time.monotonic())
 
     def _align(self) -> None:
         """Pause the usage partitions that run ahead in event time while the by-team stage holds many events.

@@ -51,6 +51,20 @@ def test_a_silent_source_holds_the_others_back_only_for_its_grace() -> None:
     assert a.release(wall=13.2) == ["late"]
 
 
+def test_a_source_known_to_be_behind_is_never_taken_for_silent() -> None:
+    """Its worker still has records of it to fetch: a slow batch is not a quiet partition."""
+    a: Aligner[str] = Aligner(sources=2, idle_after=3.0)
+    a.heard(1, 50.0, wall=10.0, sources=2)
+    a.add(100.0, "fast")
+    a.heard(0, 100.0, wall=10.0)
+    a.alive(1, wall=12.5)
+    a.alive(7, wall=12.5)  # a source never heard of stays unknown
+    assert a.release(wall=15.0) == [], "still held for source 1, heard to be behind 2.5 s ago"
+    assert a.low(wall=15.0) == 50.0, "alive moves no watermark: its packs may be on their way"
+    assert a.release(wall=15.6) == ["fast"], "silent after all once nobody vouches for it"
+    assert 7 not in a.seen
+
+
 def test_a_source_never_heard_is_waited_for_from_the_first_one_heard() -> None:
     a: Aligner[str] = Aligner(sources=0, idle_after=3.0)
     a.add(100.0, "x")

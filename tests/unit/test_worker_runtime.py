@@ -218,3 +218,36 @@ def test_events_let_go_by_the_wall_clock_are_snapshotted_at_once(wall: WallClock
     held, left, paged, saved = asyncio.run(scenario())
     assert held > 0 and left < held, "held for the silent partition, then let go by the wall clock"
     assert paged > 0 and saved == 1
+
+
+def test_the_consumer_vouches_for_the_usage_partitions_it_is_behind_on(wall: WallClock) -> None:
+    k, settings, broker = KafkaSettings(), Settings(), Broker()
+
+    class Behind:
+        def __init__(self, end: int) -> None:
+            self.end = end
+
+        def assignment(self) -> set[TopicPartition]:
+            return {TopicPartition(k.usage_topic, 0), TopicPartition(k.by_team_topic, 0)}
+
+        def highwater(self, tp: TopicPartition) -> int:
+            return self.end
+
+    async def heard_at(end: int) -> tuple[float, float]:
+        usage = runtime(broker, k, k.usage_topic, lambda: Engine.from_settings(settings, "key"))
+        team = runtime(broker, k, k.by_team_topic, lambda: Engine.from_settings(settings, "team"), forwarded=True)
+        await usage.assigned([TopicPartition(k.usage_topic, 0)])
+        await team.assigned([TopicPartition(k.by_team_topic, 0)])
+        usage.parts[0].offset = 41  # the engine has offsets up to 41
+        aligner = team.parts[0].aligner
+        assert aligner is not None
+        aligner.heard(0, T0, wall=wall.now)
+        consumer = UsageConsumer([usage, team], declare=asyncio.sleep)
+        consumer._consumer = Behind(end)  # type: ignore[assignment]
+        heard = wall.now
+        wall.now += 2.5
+        consumer._alive()
+        return aligner.seen[0].heard_at - heard, aligner.seen[0].watermark
+
+    assert asyncio.run(heard_at(end=50)) == (2.5, T0), "records 42-49 still to fetch: alive, watermark as it was"
+    assert asyncio.run(heard_at(end=42)) == (0.0, T0), "caught up: not vouched for"
