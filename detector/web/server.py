@@ -130,7 +130,7 @@ def answers_to(listen_host: str, allowed: Iterable[str]) -> frozenset[str] | Non
         loopback = listen_host == "localhost" or ipaddress.ip_address(listen_host).is_loopback
     except ValueError:
         loopback = False
-    return LOOPBACK_NAMES if loopback else None
+    return LOOPBACK_NAMES | {listen_host.lower().strip("[]")} if loopback else None
 
 
 def host_name(host: str) -> str:
@@ -305,7 +305,8 @@ def _authorize(request: web.Request) -> web.Response | None:
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
         return _error(401, "send Authorization: Bearer <token>", {"WWW-Authenticate": 'Bearer realm="stormwatch"'})
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+    # aiohttp keeps header bytes that are not UTF-8 as surrogates: encoded back as they came, they match no token.
+    if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode()):
         return _error(403, "wrong token")
     return None
 
@@ -313,7 +314,7 @@ def _authorize(request: web.Request) -> web.Response | None:
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json(loads=orjson.loads)
-    except (orjson.JSONDecodeError, UnicodeDecodeError):
+    except (orjson.JSONDecodeError, UnicodeDecodeError, LookupError):  # LookupError: a charset Python lacks
         raise web.HTTPBadRequest(
             text='{"error": "the body must be a JSON object"}', content_type="application/json"
         ) from None
@@ -450,7 +451,7 @@ async def _spend(request: web.Request) -> web.Response:
     step: int | None = None
     if "step" in request.query:
         try:
-            step = max(60, int(request.query["step"]))
+            step = max(60, min(int(request.query["step"]), int(MAX_RANGE_SECONDS)))
         except ValueError:
             return _error(400, "step must be a whole number of seconds")
     return _json(_cfg(request).view.spend_series(_range(request), step))
@@ -545,7 +546,7 @@ async def _feedback(request: web.Request) -> web.Response:
         return _error(404, "no such incident (it may be older than the dashboard remembers)")
     body = await _body(request)
     label = body.get("label")
-    if label not in {lb.value for lb in FeedbackLabel}:
+    if not isinstance(label, str) or label not in {lb.value for lb in FeedbackLabel}:
         return _error(400, "label must be real, false_alarm or planned")
     try:
         note = _text(body, "note", "", 2000)

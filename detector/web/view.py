@@ -146,6 +146,7 @@ class ViewLimits:
     top_window_seconds: float = 3600.0  # top spenders over this much recent event time
     max_chart_teams: int = 8  # teams drawn; the rest are summed as "(other)"
     max_entities_per_type: int = 20_000  # per-entity summaries; the least recently seen go first
+    max_teams_per_minute: int = 1_000  # team names (from events) kept per minute of spend; the rest as "(other)"
     max_breakdown: int = 6  # models per entity (teams per model) in a summary
     max_incidents: int = 1_000  # active and resolved together; resolved ones go first
     max_recent_resolved: int = 200
@@ -209,7 +210,8 @@ class LiveView:
                 if failed:
                     bucket.errors += 1
                 teams = bucket.teams
-                teams[ev.team] = teams.get(ev.team, 0.0) + cost_usd
+                team = ev.team if ev.team in teams or len(teams) < self.limits.max_teams_per_minute else OTHER
+                teams[team] = teams.get(team, 0.0) + cost_usd
                 by_type = bucket.by_type
                 if by_type is not None:
                     d = by_type[0]
@@ -568,7 +570,8 @@ class LiveView:
         return out
 
     def _spend_series(self, range_seconds: float, step: int, only: str | None = None) -> dict[str, Any]:
-        step = max(_MINUTE, int(step // _MINUTE) * _MINUTE)
+        # A step longer than the range is one point: no more minutes to walk than the range has.
+        step = max(_MINUTE, int(min(step, max(range_seconds, _MINUTE)) // _MINUTE) * _MINUTE)
         points = max(1, math.ceil(range_seconds / step))
         if self._cur_minute < 0:
             return {"start": None, "step_seconds": step, "points": 0, "series": [], "total": []}
@@ -590,7 +593,8 @@ class LiveView:
         for col in columns:
             for team, usd in col.items():
                 by_team[team] = by_team.get(team, 0.0) + usd
-        keep = [t for t, _ in heapq.nlargest(self.limits.max_chart_teams, by_team.items(), key=lambda kv: kv[1])]
+        named = ((t, usd) for t, usd in by_team.items() if t != OTHER)  # OTHER: teams past max_teams_per_minute
+        keep = [t for t, _ in heapq.nlargest(self.limits.max_chart_teams, named, key=lambda kv: kv[1])]
         rest = [t for t in by_team if t not in set(keep)]
         series = [
             {"team": t, "total_usd": round(by_team[t], 6), "values": [round(c.get(t, 0.0), 6) for c in columns]}

@@ -358,3 +358,33 @@ def test_stopping_the_server_ends_open_streams() -> None:
     server.stop()
     assert time.monotonic() - started < 5
     conn.close()
+
+
+def _raw(server: BackgroundServer, method: str, path: str, headers: dict[str, bytes], body: bytes = b"") -> int:
+    """One request with header values sent as the bytes given (not what urllib would allow)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.putrequest(method, path)
+        for name, value in {**headers, "Content-Length": str(len(body)).encode()}.items():
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_odd_requests_get_a_4xx_not_a_500_nor_a_stall(api: Api) -> None:
+    """What a review found: each of these answered 500, or held the server (and a worker's events) for good."""
+    started = time.monotonic()
+    status, spend, _ = api.call("GET", f"/api/spend?range=3600&step={10**14}")
+    assert status == 200 and spend["points"] == 1 and spend["step_seconds"] <= 3600
+    assert time.monotonic() - started < 5 and api.call("GET", "/healthz")[0] == 200
+    bad_token = {"Authorization": b"Bearer \xff\xfe", "Content-Type": b"application/json"}
+    assert _raw(api.server, "POST", "/api/breakers", bad_token, b'{"entity": "api_key:k1", "action": "open"}') == 403
+    charset = {"Authorization": f"Bearer {TOKEN}".encode(), "Content-Type": b"application/json; charset=nope"}
+    assert _raw(api.server, "POST", "/api/breakers", charset, b"{}") == 400
+    for label in (["real"], {"real": 1}, 7):
+        assert api.call("POST", "/api/incidents/inc-a/feedback", {"label": label}, token=TOKEN)[0] == 400, label
+    assert answers_to("127.0.0.2", []) == frozenset({"localhost", "127.0.0.1", "::1", "127.0.0.2"})

@@ -112,6 +112,18 @@ def test_chart_keeps_the_biggest_teams_and_sums_the_rest() -> None:
     assert [(s["team"], s["total_usd"]) for s in series] == [("a", 10.0), ("b", 9.0), (OTHER, 15.0)]
 
 
+def test_team_names_from_events_are_bounded_per_minute_and_their_spend_kept() -> None:
+    """Team names come from events: a flood of new ones must not grow the chart's memory (or its cost)."""
+    view = LiveView(ViewLimits(max_chart_teams=2, max_teams_per_minute=50))
+    view.observe_event(make_event(T0, team="search"), 100.0)
+    for i in range(5_000):
+        view.observe_event(make_event(T0 + i / 1000, team=f"flood-{i}"), 0.01)
+    assert max(len(b.teams) for b in view._buckets.values()) <= 51, "50 names and (other)"
+    series = view.spend_series(600, 300)["series"]
+    assert series[0]["team"] == "search" and [s["team"] for s in series].count(OTHER) == 1
+    assert sum(s["total_usd"] for s in series) == pytest.approx(150.0)
+
+
 def test_spend_older_than_the_window_is_forgotten_and_memory_stays_bounded() -> None:
     view = LiveView(ViewLimits(spend_window_seconds=3600, top_window_seconds=600))
     for minute in range(6 * 60):  # six hours, one event a minute
