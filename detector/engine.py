@@ -37,6 +37,13 @@ from detector.pricing import PriceCatalog
 from detector.settings import Settings
 
 SNAPSHOT_VERSION = 1
+EARLIEST = 946_684_800.0  # 2000-01-01T00:00:00Z: no LLM bill is older
+MAX_CLOCK_SKEW = 300.0  # how far ahead of the shell's clock an event may be dated (see Engine.horizon)
+
+
+class OutOfTime(ValueError):
+    """An event dated where no event can be: before 2000, or ahead of the shell's clock."""
+
 
 Scope = Literal["all", "key", "team"]
 
@@ -87,6 +94,11 @@ class Engine:
         self._next_evict = math.inf
         self._pinned: set[Entity] = set()
         self.last_cost = 0.0  # of the last event processed, for shells that show spend
+        # The latest event time an event may carry (+inf: any). Event time follows the newest event,
+        # so one event dated next year (a producer's clock, a time zone taken for UTC) would move
+        # every judgement there and leave the stream behind it late. The engine has no clock: the
+        # shells set this from theirs (now + MAX_CLOCK_SKEW), and an event past it is refused.
+        self.horizon = math.inf
         # Hand-off (see :meth:`receive`): this engine's findings, (tick time, findings), for another
         # engine's book; and the findings other engines handed to this one, not yet booked.
         self.hands_off = False
@@ -134,6 +146,8 @@ class Engine:
     def process(self, ev: Usage) -> list[Alert]:
         """Observe one event; returns the alerts that became due up to its event time."""
         ts = ev.timestamp.timestamp()
+        if not EARLIEST <= ts <= self.horizon:
+            raise OutOfTime(self._out_of_time(ts))
         stats = self.stats
         if ts >= self._next_tick:
             alerts = self.advance(ts)
@@ -156,6 +170,16 @@ class Engine:
         for det in self.detectors:
             det.observe(ev, ts, cost)
         return alerts
+
+    def _out_of_time(self, ts: float) -> str:
+        if ts < EARLIEST:
+            return "timestamp: before 2000-01-01T00:00:00Z"
+        ahead = ts - (self.horizon - MAX_CLOCK_SKEW)
+        when = f"{ahead / 86400:.0f} days" if ahead >= 2 * 86400 else f"{ahead / 60:.0f} min"
+        return (
+            f"timestamp: {when} ahead of the clock, more than the {MAX_CLOCK_SKEW:.0f} s of skew allowed "
+            "(the producer's clock, or a local time sent as UTC?)"
+        )
 
     def receive(self, at: float, findings: Sequence[Finding]) -> None:
         """Take findings another engine made at its tick ``at``, to book with this engine's own of that tick.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import io
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import BinaryIO
 
 from pydantic import ValidationError
 
-from detector.engine import Engine
+from detector.engine import MAX_CLOCK_SKEW, Engine, OutOfTime
 from detector.events import Alert, Usage
 from detector.wire import decode_usage
 
@@ -75,6 +76,7 @@ def replay(
     result = ReplayResult()
     validate = decode_usage
     process = engine.process
+    engine.horizon = min(engine.horizon, time.time() + MAX_CLOCK_SKEW)  # no event from the future
     for number, raw in enumerate(lines, start=1):
         result.lines = number
         if not raw.strip():
@@ -86,8 +88,14 @@ def replay(
             if on_reject is not None:
                 on_reject(Reject(number, explain(error), raw.rstrip(b"\n")))
             continue
+        try:
+            alerts = process(ev)
+        except OutOfTime as error:
+            result.rejected += 1
+            if on_reject is not None:
+                on_reject(Reject(number, str(error), raw.rstrip(b"\n")))
+            continue
         result.events += 1
-        alerts = process(ev)
         if on_event is not None:
             on_event(ev, engine.last_cost)
         if alerts:

@@ -96,7 +96,7 @@ import faust
 from aiokafka import TopicPartition  # type: ignore[import-untyped]
 from pydantic import ValidationError
 
-from detector.engine import Engine
+from detector.engine import MAX_CLOCK_SKEW, Engine, OutOfTime
 from detector.events import Alert, Usage, utc_from_epoch
 from detector.replay import explain
 from detector.settings import Settings
@@ -243,6 +243,9 @@ class UsageHandler:
         """One valid event through the engine, without telling the idle clock (the caller tells it once a batch)."""
         try:
             alerts = self.engine.process(ev)
+        except OutOfTime as error:  # dated before 2000 or past the clock: bad input, not a bug
+            self.stats.rejected += 1
+            return Rejected(str(error))
         except Exception as error:  # a bug must not stop the stream; the event is kept in the DLQ
             log.exception("engine failed on event %s", ev.event_id)
             self.stats.rejected += 1
@@ -623,6 +626,7 @@ class Runtime:
         feed, forward, engine = self.feed, self.forward is not None, handler.engine
         decode, judge = handler.decode, handler.judge
         handler.clock.saw_event(wall)
+        engine.horizon = time.time() + MAX_CLOCK_SKEW
         for r in records:
             ev = decode(r.value)
             result = ev if isinstance(ev, Rejected) else judge(ev)

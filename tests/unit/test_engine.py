@@ -121,3 +121,27 @@ def test_settings_file_and_environment(tmp_path, monkeypatch) -> None:  # type: 
 def test_a_wrong_setting_names_the_field() -> None:
     with pytest.raises(ValueError, match=r"detectors\.agent_loop\.cycle_stepz"):
         Settings.model_validate({"detectors": {"agent_loop": {"cycle_stepz": 3}}})
+
+
+def test_an_event_from_the_future_is_refused_and_detection_goes_on() -> None:
+    """One event dated 2100 used to move event time there: no alert again until 2100 (found in review)."""
+    from detector.engine import MAX_CLOCK_SKEW, OutOfTime
+    from detector.worker.app import Rejected, UsageHandler
+    from detector.worker.clock import IdleClock
+
+    engine = Engine.default()
+    engine.horizon = T0 + 7200 + MAX_CLOCK_SKEW  # the shell's clock reads T0 + 2 h
+    for ev in normal_hour(T0):
+        engine.process(ev)
+    with pytest.raises(OutOfTime, match=r"timestamp: 26\d{3} days ahead of the clock, more than the 300 s"):
+        engine.process(make_event(4_102_444_800.0, team="other"))  # 2100-01-01
+    with pytest.raises(OutOfTime, match="before 2000-01-01"):
+        engine.process(make_event(0.0))
+    assert engine.stats.watermark < T0 + 3600 and engine.stats.events == 1800, "neither moved time nor counted"
+    alerts = [a for ev in retry_storm(T0 + 3600, n=600) for a in engine.process(ev)]
+    assert ("retry_storm", "firing") in {(a.kind.value, a.status.value) for a in alerts}
+
+    handler = UsageHandler(engine, IdleClock(after=5.0))
+    refused = handler.judge(make_event(T0 + 7200 + 3 * 3600))  # a local time (UTC+3) sent as UTC
+    assert isinstance(refused, Rejected) and refused.reason.startswith("timestamp: 180 min ahead of the clock")
+    assert handler.stats.rejected == 1

@@ -61,6 +61,21 @@ def test_replay_writes_alerts_and_rejects_with_line_numbers(tmp_path: Path) -> N
     assert "greater than or equal to 0" in rejects[1]["reason"]
 
 
+def test_an_event_from_the_future_is_a_reject_not_the_end_of_detection(tmp_path: Path) -> None:
+    lines = storm_lines()
+    lines.insert(300, orjson.dumps({**GOOD, "event_id": "y2100", "timestamp": "2100-01-01T00:00:00Z"}))
+    events = write(tmp_path / "events.jsonl", lines)
+    alerts = tmp_path / "alerts.jsonl"
+    assert main(["replay", str(events), "--alerts-out", str(alerts), "--quiet"]) == 0
+    assert "retry_storm" in {json.loads(x)["kind"] for x in alerts.read_text().splitlines()}
+    (reject,) = [json.loads(x) for x in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert (
+        reject["line"] == 301
+        and reject["reason"].startswith("timestamp: ")
+        and "ahead of the clock" in reject["reason"]
+    )
+
+
 def test_strict_exits_non_zero_on_rejects(tmp_path: Path) -> None:
     events = write(tmp_path / "events.jsonl", [b"not json at all", *storm_lines()[:10]])
     assert main(["replay", str(events), "--quiet", "--strict", "--rejects-out", str(tmp_path / "r.jsonl")]) == 2
