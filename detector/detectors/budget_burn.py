@@ -44,12 +44,18 @@ MINUTE = 60.0
 class TeamSpend(SlotRing):
     FIELDS = ("spend",)
     spend: list[float]
-    __slots__ = ("month", "month_to_date", "spend")
+    __slots__ = ("month", "month_end", "month_to_date", "spend")
 
     def __init__(self, now: float, month_to_date: float) -> None:
         super().__init__(MINUTE, int(6 * HOUR / MINUTE) + 1, now)
         self.month = _month(now)
+        self.month_end = _month_end(now)
         self.month_to_date = month_to_date
+
+    def turn_month(self, ts: float) -> None:
+        """At ``ts`` (the first event or tick of a month since the last): month-to-date starts again at zero."""
+        if ts >= self.month_end:
+            self.month, self.month_end, self.month_to_date = _month(ts), _month_end(ts), 0.0
 
 
 class BudgetBurn:
@@ -77,6 +83,10 @@ class BudgetBurn:
     def adopt(self, old: BudgetBurn) -> None:
         # Month-to-date spend carries over; a team whose budget was removed is no longer judged.
         self.teams = {team: st for team, st in old.teams.items() if team in self.budgets}
+        for st in self.teams.values():
+            if not hasattr(st, "month_end"):  # a snapshot from before month_end was kept
+                year, month = st.month
+                st.month_end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC).timestamp()
 
     def observe(self, ev: Usage, ts: float, cost: float) -> None:
         st = self.teams.get(ev.team)
@@ -87,9 +97,8 @@ class BudgetBurn:
         slot = int(ts // MINUTE)
         if slot > st.slot:
             st.roll(slot)
-            month = _month(ts)
-            if month != st.month:
-                st.month, st.month_to_date = month, 0.0
+        if ts >= st.month_end:  # checked on every event: the tick may have rolled the ring into the month
+            st.turn_month(ts)
         st.spend[st.idx] += cost
         st.month_to_date += cost
 
@@ -97,6 +106,7 @@ class BudgetBurn:
         findings = []
         for team, st in self.teams.items():
             st.roll(int(now // MINUTE))
+            st.turn_month(now)
             finding = self._judge(team, st, now)
             if finding is not None:
                 findings.append(finding)

@@ -283,3 +283,22 @@ def test_budget_burn_critical_on_fast_burn_and_quiet_on_fair_spend() -> None:
     findings = drive(det, burst)
     assert findings and findings[-1].severity.value == "critical"
     assert findings[-1].evidence.details["burn_rate_1h"] >= 14.4
+
+
+def test_budget_burn_starts_month_to_date_again_when_the_month_turns_in_the_engine() -> None:
+    """The engine ticks at the minute before each event, so the month must turn by time, not by slot."""
+    from datetime import UTC, datetime
+
+    from detector.engine import Engine
+    from detector.settings import Settings
+
+    settings = Settings.model_validate({"teams": {"search": {"monthly_budget_usd": 3000, "spent_to_date_usd": 2900}}})
+    start = datetime(2026, 10, 31, 12, tzinfo=UTC).timestamp()
+    for every in (20.0, 90.0):
+        engine = Engine.from_settings(settings)
+        (burn,) = [d for d in engine.detectors if isinstance(d, BudgetBurn)]
+        for i in range(int(24 * HOUR / every)):  # noon on the 31st to noon on the 1st, $0.05 a call
+            engine.process(make_event(start + i * every, cost_usd=0.05))
+        st = burn.teams["search"]
+        assert st.month == (2026, 11)
+        assert abs(st.month_to_date - 12 * HOUR / every * 0.05) < 1e-6, "November's spend only"
