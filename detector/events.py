@@ -13,6 +13,7 @@ Every model here is a public contract: its JSON Schema is generated into ``schem
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal, Protocol
@@ -184,17 +185,28 @@ class Entity(BaseModel):
         return f"{self.type}:{self.id}"
 
 
+def _finite(x: float) -> float:
+    """JSON has no inf or NaN (they would go out as null, against the schema): a ratio over a zero baseline is huge."""
+    if math.isnan(x):
+        return 0.0
+    return x if math.isfinite(x) else math.copysign(HUGE, x)
+
+
+HUGE = 1e12  # what an infinite ratio is written as
+Finite = Annotated[float, AfterValidator(_finite)]
+
+
 class Evidence(BaseModel):
     """Baseline against observation, in the detector's own metric."""
 
     model_config = ConfigDict(frozen=True)
 
     metric: str = Field(description="What was measured, e.g. spend_usd_per_hour or attempts_per_minute.")
-    baseline: float = Field(description="What was normal for this entity at this time.")
-    observed: float = Field(description="What happened in the detection window.")
-    ratio: float = Field(description="observed / baseline.")
-    window_seconds: float
-    details: dict[str, float] = Field(default_factory=dict, description="Further numbers behind the call.")
+    baseline: Finite = Field(description="What was normal for this entity at this time.")
+    observed: Finite = Field(description="What happened in the detection window.")
+    ratio: Finite = Field(description="observed / baseline (1e12 where the baseline is zero).")
+    window_seconds: Finite
+    details: dict[str, Finite] = Field(default_factory=dict, description="Further numbers behind the call.")
 
 
 class Contributor(BaseModel):

@@ -77,6 +77,8 @@ class IncidentBook:
                 inc.last_resolved, inc.resolved_at = inc.resolved_at or f.at, None
                 inc.last_seen = f.at
                 gone = f.at - inc.last_resolved
+                inc.entities.add(f.entity)
+                inc.severity = f.severity  # as it is now, not as it was when it resolved
                 inc.finding = f
                 alerts.append(self._record(inc, AlertStatus.UPDATED, f.at, f"Back after {gone / 60:.0f} min: "))
                 continue
@@ -131,6 +133,7 @@ class IncidentBook:
                 # A long-open incident (a budget burn) may meet many others: keep the latest few.
                 other.related = [*other.related[-(MAX_RELATED - 1) :], inc.incident_id]
                 inc.related.append(other.incident_id)
+        inc.related = inc.related[-MAX_RELATED:]  # thousands of sessions looping at once: the latest few
         self.open[key] = inc
         return self._record(inc, AlertStatus.FIRING, f.at)
 

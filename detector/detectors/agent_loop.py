@@ -66,6 +66,7 @@ class Session:
     __slots__ = (
         "agent",
         "api_key",
+        "calm",
         "cost",
         "first",
         "fp1",
@@ -108,6 +109,7 @@ class Session:
         self.steady = 0
         self.steady_since = now
         self.steady_cost = 0.0
+        self.calm = 0  # looping, steps in a row that repeat nothing: the session got out of its loop
         self.looping = False
         self.loop_kind = ""
         self.limit_steps = self.limit_usd = math.inf  # the agent's runaway bar when the session began
@@ -192,6 +194,7 @@ class AgentLoop(EntityStores):
         if (
             out >= MIN_OUTPUT_TOKENS
             and abs(out - last_out) <= self.steady_band * last_out
+            and gap > 0  # requests sent in parallel (one timestamp) are not a steady pace
             and 0.6 * s.gap <= gap <= 1.6 * s.gap
         ):
             s.steady += 1
@@ -199,11 +202,18 @@ class AgentLoop(EntityStores):
         else:
             s.steady, s.steady_since, s.steady_cost = 0, ts, cost
         s.last_output, s.gap = out, gap
+        cycle = self.cycle_steps
         if s.looping:
+            if s.loop_kind != "runaway" and max(s.run1, s.run2, s.run3) < cycle and s.steady < self.steady_steps:
+                s.calm = getattr(s, "calm", 0) + 1  # older snapshots have no calm
+                if s.calm >= self.steady_steps:  # as many steps as make a loop, and none repeated: out of it
+                    s.looping, s.calm = False, 0
+                    return
+            else:
+                s.calm = 0
             s.loop_steps += 1
             self._looping.add(sid)
             return
-        cycle = self.cycle_steps
         if (
             s.run1 >= cycle
             or s.run2 >= cycle

@@ -277,7 +277,8 @@ class CostSpike(EntityStores):
         tokens_ratio = st.tokens_base.ratio((st.closed("tokens", slots) - st.closed_max("top_tokens", slots)) / (n - 1))
         threshold = max(self.unit_ratio, math.exp(3.0 * st.unit.log_std))
         tokens_bar = max(self.tokens_ratio, math.exp(3.0 * st.tokens_base.log_std))
-        by_tokens = tokens_ratio >= tokens_bar and unit_ratio >= BY_TOKENS_UNIT_RATIO
+        # No token baseline (a gateway that reported no tokens until now) says nothing of prompts.
+        by_tokens = st.tokens_base.typical > 0 and tokens_ratio >= tokens_bar and unit_ratio >= BY_TOKENS_UNIT_RATIO
         if unit_ratio < threshold and not by_tokens:
             return None
         minutes = slots * SLOT / 60

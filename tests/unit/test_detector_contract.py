@@ -100,3 +100,14 @@ def test_memory_is_bounded_by_eviction(name: str) -> None:
         )
     det.evict(T0 + 5000 + 31 * 86400)  # past every TTL, agent norms (30 days) included
     assert det.entity_count() <= 5  # teams, or agent norms, may stay; per-key and per-session state go
+
+
+def test_evidence_over_a_zero_baseline_stays_a_number_in_json() -> None:
+    """JSON has no inf: it went out as null, against the alert schema."""
+    import math
+
+    from detector.events import Evidence
+
+    ev = Evidence(metric="m", baseline=0.0, observed=5.0, ratio=math.inf, window_seconds=60, details={"r": math.nan})
+    assert (ev.ratio, ev.details["r"]) == (1e12, 0.0)
+    assert '"ratio":1000000000000.0' in ev.model_dump_json()

@@ -302,3 +302,33 @@ def test_budget_burn_starts_month_to_date_again_when_the_month_turns_in_the_engi
         st = burn.teams["search"]
         assert st.month == (2026, 11)
         assert abs(st.month_to_date - 12 * HOUR / every * 0.05) < 1e-6, "November's spend only"
+
+
+def test_requests_sent_in_parallel_at_one_timestamp_are_no_loop() -> None:
+    """A map step fans out distinct requests with one (second-resolution) timestamp: no steady pace."""
+    from detector.engine import Engine
+
+    engine = Engine.default()
+    fanned = [
+        make_event(T0, agent_id="mapper", session_id="s1", request_fingerprint=f"chunk-{i}", output_tokens=256)
+        for i in range(10)
+    ]
+    alerts = [a for ev in fanned for a in engine.process(ev)] + engine.advance(T0 + 60)
+    assert alerts == []
+
+
+def test_a_session_that_gets_out_of_its_loop_stops_being_reported() -> None:
+    """Five identical polls, then an hour of progress: one incident that resolves, not updates for an hour."""
+    from detector.engine import Engine
+
+    engine = Engine.default()
+    steps = ["poll"] * 5 + [f"step-{i}" for i in range(1200)]
+    alerts = []
+    for i, fp in enumerate(steps):
+        ev = make_event(
+            T0 + 3 * i, agent_id="worker", session_id="s1", request_fingerprint=fp, output_tokens=50 + 37 * i % 300
+        )
+        alerts += engine.process(ev)
+    alerts += engine.advance(T0 + 3 * len(steps) + 1000)
+    assert [a.status.value for a in alerts] == ["firing", "resolved"]
+    assert alerts[1].detected_at.timestamp() < T0 + 15 * 60, "resolved within minutes of the last repeat"

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from detector.detectors.base import Finding
 from detector.events import AlertKind, DetectorRef, Entity, Evidence, Severity
-from detector.incidents import IncidentBook
+from detector.incidents import MAX_RELATED, IncidentBook
 
 REF = DetectorRef(name="retry_storm", version="1.0")
 
@@ -107,3 +107,14 @@ def test_links_of_a_long_open_incident_stay_bounded() -> None:
         book.observe([finding(10 + i, entity=f"k{i}", group=f"search/agent-{i}", kind=AlertKind.AGENT_LOOP)])
     related = book.open[(AlertKind.BUDGET_BURN, "search")].related
     assert len(related) == 20 and burn.incident_id not in related
+
+
+def test_a_relapse_is_reported_at_its_severity_now_and_links_stay_bounded() -> None:
+    book = IncidentBook(reopen=1800)
+    book.observe([finding(0)])
+    book.tick(200)
+    (back,) = book.observe([finding(600, entity="k2", score=50.0, severity=Severity.CRITICAL)])
+    assert back.severity is Severity.CRITICAL, "not the warning it resolved at"
+    many = IncidentBook()
+    alerts = [a for i in range(300) for a in many.observe([finding(i, group=f"loop-{i}")])]
+    assert max(len(a.related_incidents) for a in alerts) <= MAX_RELATED
