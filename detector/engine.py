@@ -37,6 +37,8 @@ from detector.pricing import PriceCatalog
 from detector.settings import Settings
 
 SNAPSHOT_VERSION = 1
+MAX_TEAMS = 10_000  # teams whose spend the stats keep apart (names come from events); the rest as OTHER_TEAMS
+OTHER_TEAMS = "(other)"
 EARLIEST = 946_684_800.0  # 2000-01-01T00:00:00Z: no LLM bill is older
 MAX_CLOCK_SKEW = 300.0  # how far ahead of the shell's clock an event may be dated (see Engine.horizon)
 
@@ -165,7 +167,8 @@ class Engine:
             if cost == 0.0 and self.catalog.lookup(ev.model) is None:
                 stats.unpriced_events += 1
         stats.events += 1
-        stats.spend_by_team[ev.team] += cost
+        by_team = stats.spend_by_team
+        by_team[ev.team if ev.team in by_team or len(by_team) < MAX_TEAMS else OTHER_TEAMS] += cost
         self.last_cost = cost
         for det in self.detectors:
             det.observe(ev, ts, cost)

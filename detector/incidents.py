@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from detector.detectors.base import Finding
 from detector.events import Alert, AlertKind, AlertStatus, Entity, Explanation, Severity, utc_from_epoch
 
+MAX_ENTITIES = 100  # entities kept (and pinned) per open incident
 MAX_RELATED = 20
 NAMESPACE = uuid.UUID("5b3f1c0e-8f0a-4d5e-9a57-3f1c2e6d7a90")
 
@@ -77,7 +78,7 @@ class IncidentBook:
                 inc.last_resolved, inc.resolved_at = inc.resolved_at or f.at, None
                 inc.last_seen = f.at
                 gone = f.at - inc.last_resolved
-                inc.entities.add(f.entity)
+                _add_bounded(inc.entities, f.entity)
                 inc.severity = f.severity  # as it is now, not as it was when it resolved
                 inc.finding = f
                 alerts.append(self._record(inc, AlertStatus.UPDATED, f.at, f"Back after {gone / 60:.0f} min: "))
@@ -87,7 +88,7 @@ class IncidentBook:
                 continue
             inc.excess_usd += f.excess_usd_per_hour * max(f.at - inc.last_seen, 0.0) / 3600
             inc.last_seen = f.at
-            inc.entities.add(f.entity)
+            _add_bounded(inc.entities, f.entity)
             worse_severity = f.severity.rank > inc.severity.rank
             if f.entity == inc.entity or worse_severity or f.score > inc.finding.score:
                 inc.finding = f
@@ -170,3 +171,11 @@ class IncidentBook:
 
     def open_entities(self) -> set[Entity]:
         return {e for inc in self.open.values() for e in inc.entities}
+
+
+def _add_bounded(entities: set[Entity], entity: Entity) -> None:
+    """An incident's entities (whose state is kept while it is open): a loop in every session of an
+    agent for hours must not pin thousands of them; past the bound one makes room for the newest."""
+    if entity not in entities and len(entities) >= MAX_ENTITIES:
+        entities.pop()
+    entities.add(entity)

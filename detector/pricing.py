@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 PER_TOKEN = 1e-6
 
 
+MAX_MEMO = 10_000  # model names remembered
+
+
 class TierPrices(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -37,7 +40,7 @@ class ModelPrices(TierPrices):
 
 
 class PriceCatalog:
-    """Longest-prefix lookup of model prices, memoised per model name."""
+    """Longest-prefix lookup of model prices, memoised per model name (at most MAX_MEMO of them)."""
 
     def __init__(self, models: dict[str, ModelPrices]) -> None:
         self.models = dict(models)
@@ -61,6 +64,8 @@ class PriceCatalog:
             return self._memo[model]
         except KeyError:
             found = next((self.models[p] for p in self._by_prefix if model.startswith(p)), None)
+            if len(self._memo) >= MAX_MEMO:  # model names come from events: a flood of new ones starts it again
+                self._memo.clear()
             self._memo[model] = found
             return found
 

@@ -195,11 +195,15 @@ class CostSpike(EntityStores):
         self.max_entities = max_entities
         self._ref = DetectorRef(name=self.name, version=self.version)
         self._stores: dict[EntityType, EntityStore[SpendRing]] = {
-            t: EntityStore(partial(self._new, t), ttl=ttl, max_entities=max_entities) for t in entity_types
+            t: EntityStore(partial(self._new, t), ttl=ttl, max_entities=max_entities, on_evict=partial(self._gone, t))
+            for t in entity_types
         }
         self._keyed = keyed_stores(self._stores)
         self._teams: dict[tuple[EntityType, str], str] = {}
         self._dirty: list[tuple[EntityType, str, SpendRing]] = []  # seen since the last evaluate
+
+    def _gone(self, entity_type: EntityType, key: str, state: SpendRing) -> None:
+        self._teams.pop((entity_type, key), None)  # the store let it go: so does its owner's record
 
     def _gate(self) -> tuple[float, float, float, float]:
         return (self.level_ratio, self.sustained_ratio, self.level_sigmas, self.learn_seconds)

@@ -145,3 +145,33 @@ def test_an_event_from_the_future_is_refused_and_detection_goes_on() -> None:
     refused = handler.judge(make_event(T0 + 7200 + 3 * 3600))  # a local time (UTC+3) sent as UTC
     assert isinstance(refused, Rejected) and refused.reason.startswith("timestamp: 180 min ahead of the clock")
     assert handler.stats.rejected == 1
+
+
+def test_names_from_events_do_not_grow_memory_past_the_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys, teams and model names come from producers: every map they land in has a bound (found in review)."""
+    import detector.engine as engine_module
+    import detector.pricing as pricing
+    from detector.detectors.cost_spike import CostSpike
+    from detector.pricing import PriceCatalog
+
+    monkeypatch.setattr(engine_module, "MAX_TEAMS", 100)
+    monkeypatch.setattr(pricing, "MAX_MEMO", 100)
+    spike = CostSpike(max_entities=200, ttl=600)
+    engine = Engine([spike], PriceCatalog.default())
+    for i in range(3_000):
+        engine.process(make_event(T0 + i * 0.5, api_key_id=f"k{i}", team=f"team{i}", model=f"gpt-4o-x{i}"))
+    held = spike.entity_count()
+    assert held <= 400 and len(spike._teams) <= held, "an owner is remembered only for what the stores hold"
+    assert len(engine.catalog._memo) <= 100
+    assert len(engine.stats.spend_by_team) == 101 and engine.stats.spend_by_team["(other)"] > 0
+
+
+def test_an_open_incident_keeps_a_bounded_set_of_entities() -> None:
+    from detector.incidents import MAX_ENTITIES, IncidentBook
+    from tests.unit.test_incidents import finding
+
+    book = IncidentBook()
+    for i in range(500):
+        book.observe([finding(float(i), entity=f"k{i}")])
+    (incident,) = book.open.values()
+    assert len(incident.entities) == MAX_ENTITIES and any(e.id == "k499" for e in incident.entities)
