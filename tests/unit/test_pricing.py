@@ -31,3 +31,13 @@ def test_unknown_model_costs_nothing_and_is_not_guessed() -> None:
     catalog = PriceCatalog.default()
     assert catalog.lookup("mystery") is None
     assert catalog.cost("mystery", 10, 10) == 0.0
+
+
+def test_premium_variants_are_not_priced_as_their_base_model() -> None:
+    """The longest prefix wins: without their own entries, o1-pro cost what o1 does (a tenth of its price)."""
+    from detector.pricing import PriceCatalog
+
+    catalog = PriceCatalog.default()
+    for premium, base in (("o1-pro-2025-03-19", "o1"), ("o3-pro", "o3"), ("gpt-5-pro", "gpt-5")):
+        assert catalog.cost(premium, 1_000_000, 0, 0) >= 7 * catalog.cost(base, 1_000_000, 0, 0), premium
+    assert catalog.cost("gemini-2.5-flash-lite", 1_000_000, 0, 0) < catalog.cost("gemini-2.5-flash", 1_000_000, 0, 0)
