@@ -77,6 +77,12 @@ def replay(
     validate = decode_usage
     process = engine.process
     engine.horizon = min(engine.horizon, time.time() + MAX_CLOCK_SKEW)  # no event from the future
+
+    def reject(number: int, reason: str, raw: bytes) -> None:
+        result.rejected += 1
+        if on_reject is not None:
+            on_reject(Reject(number, reason, raw.rstrip(b"\n")))
+
     for number, raw in enumerate(lines, start=1):
         result.lines = number
         if not raw.strip():
@@ -84,16 +90,12 @@ def replay(
         try:
             ev = validate(raw)
         except ValidationError as error:
-            result.rejected += 1
-            if on_reject is not None:
-                on_reject(Reject(number, explain(error), raw.rstrip(b"\n")))
+            reject(number, explain(error), raw)
             continue
         try:
             alerts = process(ev)
-        except OutOfTime as error:
-            result.rejected += 1
-            if on_reject is not None:
-                on_reject(Reject(number, str(error), raw.rstrip(b"\n")))
+        except OutOfTime as error:  # dated before 2000 or past the clock
+            reject(number, str(error), raw)
             continue
         result.events += 1
         if on_event is not None:

@@ -187,6 +187,14 @@ async def read_all(bootstrap: str, topic: str, timeout: float = 20.0) -> list[Co
     return got
 
 
+def cli_settings(monkeypatch: Any, bootstrap: str, **kafka: object) -> None:
+    """The ``[kafka]`` settings of an in-process CLI call (``detector produce``, ``breaker``), by environment."""
+    monkeypatch.delenv("STORMWATCH_CONFIG", raising=False)
+    monkeypatch.setenv("STORMWATCH_KAFKA__BOOTSTRAP_SERVERS", bootstrap)
+    for name, value in kafka.items():
+        monkeypatch.setenv(f"STORMWATCH_KAFKA__{name.upper()}", str(value))
+
+
 # -- the worker --------------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from detector.enforce import BreakerFollower, BreakerTable
 from detector.events import BreakerState, Entity
 from detector.settings import Settings
 from tests.integration.http_recorder import HttpRecorder, Recorded
-from tests.integration.kafka_tools import Topics, produce, topic_configs
+from tests.integration.kafka_tools import Topics, cli_settings, produce, topic_configs
 from tests.unit.test_alerting_policy import make_alert
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -38,9 +38,7 @@ def test_a_breaker_closed_by_hand_stays_closed_past_the_policy_expiry(
     kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     topics = Topics.fresh("byhand")
-    monkeypatch.delenv("STORMWATCH_CONFIG", raising=False)
-    monkeypatch.setenv("STORMWATCH_KAFKA__BOOTSTRAP_SERVERS", kafka_bootstrap)
-    monkeypatch.setenv("STORMWATCH_KAFKA__BREAKERS_TOPIC", topics.breakers)
+    cli_settings(monkeypatch, kafka_bootstrap, breakers_topic=topics.breakers)
 
     async def scenario(receiver: HttpRecorder) -> tuple[BreakerTable, list[Recorded]]:
         settings = Settings.model_validate(

@@ -12,7 +12,7 @@ import pytest
 
 from detector.cli import main as cli_main
 from tests.conftest import T0, make_event
-from tests.integration.kafka_tools import Topics, partition_of, read_all, topic_configs
+from tests.integration.kafka_tools import Topics, cli_settings, partition_of, read_all, topic_configs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -21,10 +21,7 @@ def test_produce_sends_each_line_as_it_is_keyed_by_api_key(
     kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     topics = Topics.fresh("produce")
-    monkeypatch.delenv("STORMWATCH_CONFIG", raising=False)
-    monkeypatch.setenv("STORMWATCH_KAFKA__BOOTSTRAP_SERVERS", kafka_bootstrap)
-    monkeypatch.setenv("STORMWATCH_KAFKA__USAGE_TOPIC", topics.usage)
-    monkeypatch.setenv("STORMWATCH_KAFKA__PARTITIONS", "3")
+    cli_settings(monkeypatch, kafka_bootstrap, usage_topic=topics.usage, partitions=3)
     events = [make_event(T0 + i, api_key_id=f"key-{i % 4}") for i in range(40)]
     lines = [ev.model_dump_json().encode() for ev in events]
     broken = b'{"event_id": "half a line'

@@ -24,7 +24,7 @@ from detector.enforce import BreakerFollower, BreakerTable
 from detector.events import Alert, BreakerState
 from tests.conftest import T0, normal_hour, retry_storm
 from tests.integration.conftest import KAFKA_SH
-from tests.integration.kafka_tools import Topics, Workers, consume_until, firing_storm, produce, record
+from tests.integration.kafka_tools import Topics, Workers, cli_settings, consume_until, firing_storm, produce, record
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -101,12 +101,7 @@ def test_the_breaker_cli_and_a_gateway_follower_on_sasl_ssl_with_plain(
     secure_broker: SecureBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     topic = f"it-breakers-secure-{uuid.uuid4().hex[:8]}"
-    security = secure_broker.kafka("PLAIN")
-    monkeypatch.delenv("STORMWATCH_CONFIG", raising=False)
-    monkeypatch.setenv("STORMWATCH_KAFKA__BOOTSTRAP_SERVERS", secure_broker.sasl_ssl)
-    monkeypatch.setenv("STORMWATCH_KAFKA__BREAKERS_TOPIC", topic)
-    for name, value in security.items():
-        monkeypatch.setenv(f"STORMWATCH_KAFKA__{name.upper()}", str(value))
+    cli_settings(monkeypatch, secure_broker.sasl_ssl, breakers_topic=topic, **secure_broker.kafka("PLAIN"))
     table = BreakerTable()
     follower = BreakerFollower(
         table,
