@@ -151,8 +151,9 @@ class RetryStorm(EntityStores):
                     st.deep[i] += 1
                 if attempt > st.max_attempt[i]:
                     st.max_attempt[i] = attempt
-                if not st.team:
-                    st.team = ev.team
+                # An agent or user id may be shared by teams: the owner is the team failing now,
+                # not the first that ever failed under that name.
+                st.team = ev.team
                 self._dirty.add((etype, key))
 
     def evaluate(self, now: float) -> list[Finding]:

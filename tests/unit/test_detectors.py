@@ -332,3 +332,29 @@ def test_a_session_that_gets_out_of_its_loop_stops_being_reported() -> None:
     alerts += engine.advance(T0 + 3 * len(steps) + 1000)
     assert [a.status.value for a in alerts] == ["firing", "resolved"]
     assert alerts[1].detected_at.timestamp() < T0 + 15 * 60, "resolved within minutes of the last repeat"
+
+
+def test_a_storm_under_an_agent_name_two_teams_share_pages_the_team_that_storms() -> None:
+    """Agent ids are names teams choose: 'assistant' in alpha and in beta. One old failure in alpha made
+    alpha the owner of beta's storm (found in review)."""
+    from detector.engine import Engine
+
+    engine = Engine.default()
+    events = []
+    for i in range(1800):
+        events.append(make_event(T0 + 2 * i, team="alpha", api_key_id="ka", agent_id="assistant"))
+        events.append(make_event(T0 + 2 * i + 1, team="beta", api_key_id="kb", agent_id="assistant"))
+    events.append(make_event(T0 + 3601, team="alpha", api_key_id="ka", agent_id="assistant", status="error"))
+    events += [
+        make_event(
+            T0 + 3610 + 0.1 * i,
+            team="beta",
+            api_key_id="kb",
+            agent_id="assistant",
+            status="rate_limited",
+            retry_attempt=i % 40 + 1,
+        )
+        for i in range(600)
+    ]
+    alerts = [a for ev in sorted(events, key=lambda e: e.timestamp) for a in engine.process(ev)]
+    assert alerts and {a.owner for a in alerts} == {"beta"}
