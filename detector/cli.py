@@ -316,6 +316,7 @@ def _live_feed() -> Feed:
 def _serve(feed: Feed, settings: Settings, alerts: Sequence[Alert], console: Console) -> None:
     """The dashboard over a finished replay, until Ctrl-C: breakers as the [alerting] policy set them."""
     from detector.web import LocalBreakerControl, LocalFeedback, answers_to, bound_port, create_web_app, serve
+    from detector.web.server import url_host
 
     policy = Dispatcher(settings, dry_run=True, echo=lambda line: None, on_change=feed.observe_breaker)
 
@@ -336,8 +337,8 @@ def _serve(feed: Feed, settings: Settings, alerts: Sequence[Alert], console: Con
         runner = await serve(app, w.host, w.port)
         access = "changes need the bearer token" if token else "read-only: set STORMWATCH_WEB__API_TOKEN for changes"
         console.print(
-            f"dashboard: http://{w.host}:{bound_port(runner)}/  (API /api/incidents, metrics /metrics; {access})"
-            "  Ctrl-C stops it.",
+            f"dashboard: http://{url_host(w.host)}:{bound_port(runner)}/  "
+            f"(API /api/incidents, metrics /metrics; {access})  Ctrl-C stops it.",
             highlight=False,
         )
         try:

@@ -203,6 +203,15 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8080)
     return runner
 
 
+def url_host(host: str) -> str:
+    """``host`` as it goes in a URL: an IPv6 address in brackets.
+
+    >>> url_host("::1"), url_host("127.0.0.1"), url_host("[::1]")
+    ('[::1]', '127.0.0.1', '[::1]')
+    """
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def bound_port(runner: web.AppRunner) -> int:
     """The port a started runner listens on."""
     port: int = runner.addresses[0][1]
@@ -503,7 +512,8 @@ def _breaker_request(body: dict[str, Any], view: LiveView) -> BreakerRequest:
     text = body.get("entity")
     if not isinstance(text, str):
         raise ValueError('entity must be a string like "api_key:k1"')
-    type_, _, id_ = text.partition(":")
+    type_, _, id_ = text.strip().partition(":")
+    id_ = id_.strip()  # "api_key: " is no key; " k1" is k1
     if type_ not in BREAKER_ENTITY_TYPES or not id_ or len(id_) > 256:
         raise ValueError(f"entity {text!r}: a breaker guards a {', '.join(BREAKER_ENTITY_TYPES)} (TYPE:ID)")
     entity = Entity.model_validate({"type": type_, "id": id_})

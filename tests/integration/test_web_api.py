@@ -222,6 +222,7 @@ def test_breaker_changes_need_the_token(api: Api) -> None:
     [
         ({"entity": "model:gpt-4o", "action": "open"}, 400),
         ({"entity": "api_key:", "action": "open"}, 400),
+        ({"entity": "api_key: ", "action": "open"}, 400),
         ({"entity": "api_key:k1", "action": "smash"}, 400),
         ({"entity": "api_key:k1", "action": "open", "ttl_seconds": -5}, 400),
         ({"entity": "api_key:k1", "action": "open", "ttl_seconds": "1h"}, 400),
