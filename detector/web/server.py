@@ -73,7 +73,6 @@ DEFAULT_SILENCE_SECONDS: Final = {"real": 0.0, "false_alarm": 86400.0, "planned"
 METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 LOOPBACK_NAMES: Final = frozenset({"localhost", "127.0.0.1", "::1"})
-PROBES: Final = frozenset({"/healthz", "/readyz"})  # a kubelet probes by pod IP, whatever the settings
 
 CSP: Final = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -349,7 +348,8 @@ async def _check_host(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     allowed = request.app[CONFIG].allowed_hosts
-    if allowed is not None and request.path not in PROBES:
+    # By handler, not path: mounted under a prefix (add_subapp) the probes' paths are /prefix/healthz.
+    if allowed is not None and request.match_info.handler not in (_healthz, _readyz):
         name = host_name(request.host)
         if name not in allowed:
             return _error(421, f"this server does not answer to host {name!r}: add it to [web] allowed_hosts")

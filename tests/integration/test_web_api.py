@@ -389,3 +389,14 @@ def test_odd_requests_get_a_4xx_not_a_500_nor_a_stall(api: Api) -> None:
     for label in (["real"], {"real": 1}, 7):
         assert api.call("POST", "/api/incidents/inc-a/feedback", {"label": label}, token=TOKEN)[0] == 400, label
     assert answers_to("127.0.0.2", []) == frozenset({"localhost", "127.0.0.1", "::1", "127.0.0.2"})
+
+
+def test_mounted_under_a_prefix_the_probes_still_answer_any_host() -> None:
+    """A kubelet probes by pod IP; in the worker the dashboard may be mounted under a prefix (add_subapp)."""
+    from aiohttp import web
+
+    parent = web.Application()
+    parent.add_subapp("/stormwatch/", create_web_app(populated_view(), allowed_hosts=answers_to("127.0.0.1", [])))
+    with BackgroundServer(parent, port=0) as server:
+        assert _get_as(server, "/stormwatch/healthz", "10.0.0.7:8080") == 200
+        assert _get_as(server, "/stormwatch/api/state", "10.0.0.7:8080") == 421
