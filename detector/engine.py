@@ -94,7 +94,7 @@ class Engine:
         self._next_tick = math.inf
         self._due = [math.inf] * len(detectors)
         self._next_evict = math.inf
-        self._pinned: set[Entity] = set()
+        self._pinned: set[tuple[str, Entity]] = set()  # (team, entity) of open incidents
         self.last_cost = 0.0  # of the last event processed, for shells that show spend
         # The latest event time an event may carry (+inf: any). Event time follows the newest event,
         # so one event dated next year (a producer's clock, a time zone taken for UTC) would move
@@ -273,12 +273,12 @@ class Engine:
     def _sync_pins(self) -> None:
         """Keep the state of entities with an open incident, however idle, until it resolves."""
         wanted = self.book.open_entities()
-        for entity in wanted - self._pinned:
+        for team, entity in wanted - self._pinned:
             for det in self.detectors:
-                det.pin(entity, True)
-        for entity in self._pinned - wanted:
+                det.pin(entity, team, True)
+        for team, entity in self._pinned - wanted:
             for det in self.detectors:
-                det.pin(entity, False)
+                det.pin(entity, team, False)
         self._pinned = wanted
 
     def adopt(self, old: Engine) -> Engine:

@@ -169,8 +169,9 @@ class IncidentBook:
             related_incidents=list(inc.related),
         )
 
-    def open_entities(self) -> set[Entity]:
-        return {e for inc in self.open.values() for e in inc.entities}
+    def open_entities(self) -> set[tuple[str, Entity]]:
+        """(team, entity) of every open incident's entities: whose state to keep while it is open."""
+        return {(inc.team, e) for inc in self.open.values() for e in inc.entities}
 
 
 def _add_bounded(entities: set[Entity], entity: Entity) -> None:

@@ -107,6 +107,14 @@ class EntityStore(Generic[S]):
     def items(self) -> Iterator[tuple[str, S]]:
         return iter(self._items.items())
 
+    def drop(self, which: Callable[[str], bool]) -> int:
+        """Forget the entities whose key ``which`` picks, pinned or not; returns how many went."""
+        gone = [key for key in self._items if which(key)]
+        for key in gone:
+            self._forget(key)
+            self.pinned.discard(key)
+        return len(gone)
+
     def take(self, old: EntityStore[S]) -> None:
         """Hold ``old``'s entities (a restored snapshot's) under this store's own TTL and size bound."""
         self._items, self._touched, self.pinned, self.evicted = old._items, old._touched, old.pinned, old.evicted

@@ -34,7 +34,7 @@ from typing import ClassVar
 
 from river import stats
 
-from detector.detectors.base import EntityStores, Finding, usd
+from detector.detectors.base import SEP, EntityStores, Finding, entity_id, store_key, usd
 from detector.events import AlertKind, DetectorRef, Entity, Evidence, Severity, Usage
 from detector.state import EntityStore
 
@@ -167,12 +167,12 @@ class AgentLoop(EntityStores):
 
     def adopt(self, old: AgentLoop) -> None:
         self._take_stores(old)
-        self._looping = old._looping
+        self._looping = {sid for sid in old._looping if SEP in sid}
 
     def observe(self, ev: Usage, ts: float, cost: float) -> None:
-        sid = ev.session_id
-        if sid is None:
+        if ev.session_id is None:
             return
+        sid = f"{ev.team}{SEP}{ev.session_id}"  # store_key("session", ...): sessions are the team's
         s = self.sessions.get(sid, ts)
         s.cost += cost
         if s.looping:
@@ -227,7 +227,7 @@ class AgentLoop(EntityStores):
 
     def _first_step(self, s: Session, ev: Usage) -> None:
         s.agent, s.team, s.api_key, s.user = ev.agent_id, ev.team, ev.api_key_id, ev.user
-        norms = self.norms.peek(ev.agent_id) if ev.agent_id is not None else None
+        norms = self.norms.peek(store_key("agent", ev.team, ev.agent_id)) if ev.agent_id is not None else None
         if norms is not None:
             s.limit_steps, s.limit_usd = norms.limit_steps, norms.limit_usd
 
@@ -261,10 +261,11 @@ class AgentLoop(EntityStores):
         self._looping.clear()
         return findings
 
-    def _finding(self, sid: str, s: Session, now: float) -> Finding:
+    def _finding(self, key: str, s: Session, now: float) -> Finding:
+        sid = entity_id("session", key)
         duration = max(s.last - s.loop_since, 1.0)
         rate = s.loop_cost / duration * 3600
-        norms = self.norms.peek(s.agent or "")
+        norms = self.norms.peek(store_key("agent", s.team, s.agent)) if s.agent else None
         typical_steps = _quantile(norms.steps_p50) if norms and norms.sessions else math.nan
         pace = s.loop_steps / duration * 60
         agent = f"agent {s.agent}" if s.agent else "a session"
@@ -319,7 +320,7 @@ class AgentLoop(EntityStores):
         self._looping.discard(sid)
         if s.agent is None or s.looping:
             return
-        norms = self.norms.get(s.agent, s.last)
+        norms = self.norms.get(store_key("agent", s.team, s.agent), s.last)
         norms.learn(s.steps, s.cost)
         # The P² estimate moves slowly; refreshing the bar every few sessions is plenty.
         if norms.sessions >= self.min_agent_sessions and norms.sessions % 4 == 0:

@@ -56,7 +56,7 @@ class Detector(Protocol):
 
     def evict(self, now: float) -> int: ...
 
-    def pin(self, entity: Entity, pinned: bool) -> None: ...
+    def pin(self, entity: Entity, team: str, pinned: bool) -> None: ...
 
     def entity_count(self) -> int: ...
 
@@ -75,10 +75,44 @@ KEY_FIELDS: dict[EntityType, str] = {
 }
 """Which event field names the entity of each type."""
 
+# Users, agents and sessions are named by the teams that run them ("assistant" in two teams is two
+# agents): their state is kept per team, under "<team>\x1f<id>". Keys, models and teams are global.
+SCOPED: frozenset[EntityType] = frozenset({"user", "agent", "session"})
+SEP = "\x1f"
 
-def keyed_stores(stores: dict[EntityType, EntityStore[S]]) -> list[tuple[EntityType, EntityStore[S], attrgetter[Any]]]:
-    """(type, store, getter of the event's id for that type), for a tight observe loop."""
-    return [(etype, store, attrgetter(KEY_FIELDS[etype])) for etype, store in stores.items()]
+
+def store_key(etype: EntityType, team: str, ident: str) -> str:
+    """Where an entity's state is kept: its id, scoped by its team for the types teams name."""
+    return f"{team}{SEP}{ident}" if etype in SCOPED else ident
+
+
+def entity_id(etype: EntityType, key: str) -> str:
+    """The entity id of a store key (what alerts and breakers name)."""
+    return key.rpartition(SEP)[2] if etype in SCOPED else key
+
+
+class ScopedKey:
+    """The store key of an event's user, agent or session: ``store_key`` as a picklable getter."""
+
+    __slots__ = ("field",)
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def __call__(self, ev: Usage) -> str | None:
+        ident: str | None = getattr(ev, self.field)
+        return None if ident is None else f"{ev.team}{SEP}{ident}"
+
+    def __reduce__(self) -> tuple[type[ScopedKey], tuple[str]]:
+        return ScopedKey, (self.field,)
+
+
+def keyed_stores(stores: dict[EntityType, EntityStore[S]]) -> list[tuple[EntityType, EntityStore[S], Any]]:
+    """(type, store, getter of the event's store key for that type), for a tight observe loop."""
+    return [
+        (etype, store, ScopedKey(KEY_FIELDS[etype]) if etype in SCOPED else attrgetter(KEY_FIELDS[etype]))
+        for etype, store in stores.items()
+    ]
 
 
 class EntityStores:
@@ -89,10 +123,11 @@ class EntityStores:
     def evict(self, now: float) -> int:
         return sum(store.evict(now) for store in self._stores.values())
 
-    def pin(self, entity: Entity, pinned: bool) -> None:
+    def pin(self, entity: Entity, team: str, pinned: bool) -> None:
         store = self._stores.get(entity.type)
         if store is not None:
-            (store.pinned.add if pinned else store.pinned.discard)(entity.id)
+            key = store_key(entity.type, team, entity.id)
+            (store.pinned.add if pinned else store.pinned.discard)(key)
 
     def entity_count(self) -> int:
         return sum(len(s) for s in self._stores.values())
@@ -103,6 +138,8 @@ class EntityStores:
             was = old._stores.get(etype)
             if was is not None:
                 store.take(was)
+                if etype in SCOPED:  # a snapshot from before state was kept per team: learnt again
+                    store.drop(lambda key: SEP not in key)
 
 
 def top_contributors(

@@ -174,7 +174,7 @@ class BudgetBurn:
     def evict(self, now: float) -> int:
         return 0  # one entry per budgeted team: bounded by the config
 
-    def pin(self, entity: Entity, pinned: bool) -> None:
+    def pin(self, entity: Entity, team: str, pinned: bool) -> None:
         pass
 
     def entity_count(self) -> int:

@@ -35,7 +35,7 @@ from collections import defaultdict, deque
 from functools import partial
 from typing import ClassVar
 
-from detector.detectors.base import EntityStores, Finding, keyed_stores, top_contributors, usd
+from detector.detectors.base import EntityStores, Finding, entity_id, keyed_stores, top_contributors, usd
 from detector.events import AlertKind, Contributor, DetectorRef, Entity, EntityType, Evidence, Severity, Usage
 from detector.models import DAY, HOUR, GatedLevel, LogBaseline, SeasonalProfile, SlotRing, alpha_for_half_life
 from detector.state import EntityStore
@@ -396,7 +396,7 @@ class CostSpike(EntityStores):
         critical = excess >= self.critical_usd_per_hour or ratio >= 10
         return Finding(
             kind=AlertKind.COST_SPIKE,
-            entity=Entity(type=etype, id=key),
+            entity=Entity(type=etype, id=entity_id(etype, key)),
             team=self._teams[ident],
             group=self._teams[ident],
             at=now,
@@ -451,7 +451,7 @@ def _seasonal_expected(season: SeasonalProfile, now: float) -> float | None:
 
 
 def _name(ident: tuple[EntityType, str]) -> str:
-    return f"{ident[0].replace('_', ' ')} {ident[1]}"
+    return f"{ident[0].replace('_', ' ')} {entity_id(*ident)}"
 
 
 _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-from detector.detectors.base import EntityStores, Finding, keyed_stores, usd
+from detector.detectors.base import EntityStores, Finding, entity_id, keyed_stores, usd
 from detector.events import AlertKind, DetectorRef, Entity, EntityType, Evidence, Severity, Status, Usage
 from detector.models import DAY, GatedLevel, SlotRing
 from detector.state import EntityStore
@@ -208,7 +208,7 @@ class RetryStorm(EntityStores):
         spend_rate = st.closed("spend", slots) / window * 3600
         max_attempt = st.closed_max("max_attempt", slots)
         critical = ratio >= 10 or spend_rate >= 50
-        name = f"{etype.replace('_', ' ')} {key}"
+        name = f"{etype.replace('_', ' ')} {entity_id(etype, key)}"
         summary = (
             f"{name} is retrying failing calls: {per_minute:,.0f} attempts/min, {ratio:.1f}x its normal "
             f"{normal_per_minute:,.0f}/min, {share:.0%} failing, retry attempt up to {max_attempt:.0f}"
@@ -220,7 +220,7 @@ class RetryStorm(EntityStores):
         )
         return Finding(
             kind=AlertKind.RETRY_STORM,
-            entity=Entity(type=etype, id=key),
+            entity=Entity(type=etype, id=entity_id(etype, key)),
             team=st.team,
             group=st.team,
             at=now,

@@ -7,7 +7,7 @@ import random
 from collections.abc import Iterable
 
 from detector.detectors.agent_loop import AgentLoop
-from detector.detectors.base import Detector, Finding
+from detector.detectors.base import Detector, Finding, store_key
 from detector.detectors.budget_burn import BudgetBurn
 from detector.detectors.cost_spike import CostSpike
 from detector.detectors.retry_storm import RetryStorm
@@ -267,7 +267,7 @@ def test_sessions_are_forgotten_when_idle() -> None:
     drive(det, _normal_sessions(50, T0))
     det.evict(T0 + 50 * 120 + 3600)
     assert len(det.sessions) == 0
-    norms = det.norms.peek("triage")
+    norms = det.norms.peek(store_key("agent", "search", "triage"))  # an agent's norms are its team's
     assert norms is not None and norms.sessions == 50
 
 
@@ -358,3 +358,44 @@ def test_a_storm_under_an_agent_name_two_teams_share_pages_the_team_that_storms(
     ]
     alerts = [a for ev in sorted(events, key=lambda e: e.timestamp) for a in engine.process(ev)]
     assert alerts and {a.owner for a in alerts} == {"beta"}
+
+
+def test_agents_and_sessions_of_two_teams_under_one_name_are_two() -> None:
+    """'assistant' in alpha and in beta, session '1' in each: their state, norms and alerts stay apart."""
+    from detector.engine import Engine
+
+    engine = Engine.default()
+    events = []
+    for team in ("alpha", "beta"):  # each team's session "1" of agent "assistant": a loop in beta only
+        fps = ["plan", "read"] + (
+            ["search", "open", "summarise"] * 6 if team == "beta" else [f"s{i}" for i in range(18)]
+        )
+        events += [
+            make_event(
+                T0 + 4.0 * i + (team == "beta"),
+                team=team,
+                api_key_id=f"k-{team}",
+                agent_id="assistant",
+                session_id="1",
+                request_fingerprint=fp,
+                output_tokens=50 + 97 * i % 400,  # varied output: no "steady" run
+            )
+            for i, fp in enumerate(fps)
+        ]
+    alerts = [a for ev in sorted(events, key=lambda e: e.timestamp) for a in engine.process(ev)]
+    alerts += engine.advance(T0 + 200)
+    loops = [a for a in alerts if a.kind.value == "agent_loop"]
+    assert loops and {(a.owner, a.entity.id) for a in loops} == {("beta", "1")}, "alpha's session 1 made progress"
+    (loop,) = [d for d in engine.detectors if isinstance(d, AgentLoop)]
+    assert sorted(loop.sessions) == [store_key("session", "alpha", "1"), store_key("session", "beta", "1")]
+
+
+def test_a_snapshot_from_before_team_scoping_keeps_keys_and_relearns_agents() -> None:
+    import pickle
+
+    old = RetryStorm()
+    old._stores["api_key"].get("k1", T0)
+    old._stores["agent"].get("assistant", T0)  # keyed by the bare name, as before
+    new = RetryStorm()
+    new.adopt(pickle.loads(pickle.dumps(old)))
+    assert list(new._stores["api_key"]) == ["k1"] and list(new._stores["agent"]) == []

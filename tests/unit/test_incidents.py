@@ -70,7 +70,10 @@ def test_a_key_and_its_agent_in_one_team_are_one_incident() -> None:
     first = book.observe([finding(0, entity="k1")])
     second = book.observe([replace(finding(5), entity=Entity(type="agent", id="bot"))])
     assert len(first) == 1 and second == []
-    assert book.open_entities() == {Entity(type="api_key", id="k1"), Entity(type="agent", id="bot")}
+    assert book.open_entities() == {
+        ("search", Entity(type="api_key", id="k1")),
+        ("search", Entity(type="agent", id="bot")),
+    }
 
 
 def test_relapse_within_the_reopen_window_reopens_the_same_incident() -> None:
