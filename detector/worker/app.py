@@ -145,8 +145,10 @@ MARK = b"watermark"  # RECORD_HEADER of a mark: a watermark with no events
 Forward = Callable[[bytes | None, bytes, list[tuple[str, bytes]], int | None], Awaitable[Awaitable[Any]]]
 IDLE_TICK_SECONDS = 1.0
 PACK_BYTES = 256 * 1024  # a by-team record: several fit one producer batch (FORWARD_BATCH_BYTES)
-_N = TypeVar("_N", int, float)
 STATE_SEGMENT_MS = 10 * 60 * 1000  # roll state segments often, so compaction can drop old snapshots
+
+
+_N = TypeVar("_N", int, float)
 
 
 def _pack_source(headers: Mapping[str, bytes], key: bytes | None, mark: bool) -> tuple[int, float, int]:

@@ -181,6 +181,12 @@ class UsageConsumer(mode.Service):
         finally:
             self._loop_done.set()
 
+    @property
+    def _by_team(self) -> Runtime | None:
+        """The runtime of the by-team partitions (None when the worker does not repartition)."""
+        k = self.runtime.k
+        return self.runtimes.get(k.by_team_topic) if k.repartition_by_team else None
+
     def _alive(self) -> None:
         """Tell the by-team partitions which usage partitions this worker reads and is behind on.
 
@@ -188,8 +194,7 @@ class UsageConsumer(mode.Service):
         or starved machine a partition merely behind can go that long between batches, and its
         events would then come late. One with records left to fetch is not silent.
         """
-        k = self.runtime.k
-        by_team = self.runtimes.get(k.by_team_topic) if k.repartition_by_team else None
+        k, by_team = self.runtime.k, self._by_team
         if by_team is None:
             return
         ends = {
@@ -207,8 +212,7 @@ class UsageConsumer(mode.Service):
         the partitions ahead wait at the broker, as Flink's watermark alignment does; the slowest
         is never paused. Live traffic holds a fraction of a second of events and never pauses.
         """
-        k = self.runtime.k
-        by_team = self.runtimes.get(k.by_team_topic) if k.repartition_by_team else None
+        k, by_team = self.runtime.k, self._by_team
         if by_team is None:
             return
         wall = time.monotonic()
