@@ -837,6 +837,8 @@ class Runtime:
             await self.settle()
             for n in sorted(set(self.parts) - set(assigned)):
                 del self.parts[n]  # saved when revoked
+            for n in await self._overtaken(sorted(set(self.parts))):
+                del self.parts[n]  # another worker had it meanwhile: take up where that one left off
             await self.restore(sorted(set(assigned) - set(self.parts)))
             for part in self.parts.values():
                 part.resumed, part.reseeks = False, 0
@@ -844,6 +846,33 @@ class Runtime:
             self.restored = True
         log.info("stormwatch: resuming %s", " ".join(f"{tp.partition}@{o}" for tp, o in sorted(resume_at.items())))
         return resume_at
+
+    async def _overtaken(self, kept: Sequence[int]) -> list[int]:
+        """Of the partitions this worker keeps across a rebalance, those whose newest snapshot is not its own.
+
+        A worker that stalled past its session left the group without knowing; another took its
+        partitions, went on and paged. Given them back, its engines are behind that one's: going on
+        from its own offset would page again what the other already had.
+        """
+        if not kept:
+            return []
+        by_state: dict[TopicPartition, list[str]] = {}
+        for n in kept:
+            by_state.setdefault(self.state_tp(n), []).append(state_key(self.topic, n))
+        snaps = await (await self.reader_ready()).latest(by_state)
+        overtaken = []
+        for n in kept:
+            snap = snaps.get(state_key(self.topic, n))
+            if snap is not None and snap.offset != self.parts[n].saved_offset:
+                log.warning(
+                    "stormwatch: %spartition %d was worked on elsewhere (snapshot at %d, ours at %s): restoring it",
+                    self.label,
+                    n,
+                    snap.offset,
+                    self.parts[n].saved_offset,
+                )
+                overtaken.append(n)
+        return overtaken
 
     def watermarks(self) -> dict[TopicPartition, float]:
         """The event time each partition's engine has reached."""

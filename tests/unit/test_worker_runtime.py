@@ -251,3 +251,30 @@ def test_the_consumer_vouches_for_the_usage_partitions_it_is_behind_on(wall: Wal
 
     assert asyncio.run(heard_at(end=50)) == (2.5, T0), "records 42-49 still to fetch: alive, watermark as it was"
     assert asyncio.run(heard_at(end=42)) == (0.0, T0), "caught up: not vouched for"
+
+
+def test_a_worker_given_back_a_partition_another_worked_on_meanwhile_takes_its_snapshot(wall: WallClock) -> None:
+    """W1 stalls past its session (a zombie), W2 takes the partition and pages, then W1 gets it back.
+
+    W1 kept its engine, so it went back to its own old offset and paged W2's alerts again (review)."""
+    k, broker = KafkaSettings(repartition_by_team=False), Broker()
+    records = usage_records(broker, k.usage_topic)
+    tp = TopicPartition(k.usage_topic, 0)
+    cut = len(normal_hour(T0))
+
+    async def scenario() -> Counter[str]:
+        w1 = runtime(broker, k, k.usage_topic, Engine.default)
+        await w1.assigned([tp])
+        await feed(w1, k.usage_topic, records[:cut])
+        await w1.revoked([tp])  # what it does when it finds itself out of the group
+        w2 = runtime(broker, k, k.usage_topic, Engine.default)
+        await w2.assigned([tp])
+        await feed(w2, k.usage_topic, records[cut:])  # pages
+        await w2.revoked([tp])
+        assert broker.logs.get(k.alerts_topic), "W2 paged"
+        (resume,) = (await w1.assigned([tp])).values()  # back to W1, which still holds its engine
+        await feed(w1, k.usage_topic, records[resume:])
+        return Counter(a["alert_id"] for a in broker.values(k.alerts_topic))
+
+    published = asyncio.run(scenario())
+    assert max(published.values()) == 1, {i: n for i, n in published.items() if n > 1}
