@@ -826,6 +826,9 @@ class Runtime:
         if self.feed is not None and self.feed.metrics is not None:
             for tp in mine:
                 self.feed.metrics.forget_partition(tp.topic, tp.partition)
+        async with self.lock:
+            for n in await self._overtaken(sorted(self.parts)):
+                del self.parts[n]  # another worker has it already: write nothing over its newer snapshot
         await self.save_all("revoked")
 
     async def assigned(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:

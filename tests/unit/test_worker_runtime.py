@@ -278,3 +278,31 @@ def test_a_worker_given_back_a_partition_another_worked_on_meanwhile_takes_its_s
 
     published = asyncio.run(scenario())
     assert max(published.values()) == 1, {i: n for i, n in published.items() if n > 1}
+
+
+def test_a_worker_out_of_the_group_unaware_writes_no_snapshot_over_the_new_owners(wall: WallClock) -> None:
+    """W1 stalls; W2 takes over and pages; W1's revoke comes late. Its old engine must not replace W2's
+    snapshot, or the next owner would go back to W1's offset and page W2's alerts again (review)."""
+    k, broker = KafkaSettings(repartition_by_team=False), Broker()
+    records = usage_records(broker, k.usage_topic)
+    tp = TopicPartition(k.usage_topic, 0)
+    cut = len(normal_hour(T0))
+
+    async def scenario() -> Counter[str]:
+        w1 = runtime(broker, k, k.usage_topic, Engine.default)
+        await w1.assigned([tp])
+        await feed(w1, k.usage_topic, records[:cut])
+        await w1.save_all("periodic")
+        await feed(w1, k.usage_topic, records[cut : cut + 5])  # changed since: its revoke would write
+        w2 = runtime(broker, k, k.usage_topic, Engine.default)
+        await w2.assigned([tp])  # W1 was dropped from the group while it stalled
+        await feed(w2, k.usage_topic, records[cut:])  # pages
+        await w2.save_all("periodic")
+        await w1.revoked([tp])  # W1 wakes up and learns it is out
+        w3 = runtime(broker, k, k.usage_topic, Engine.default)
+        (resume,) = (await w3.assigned([tp])).values()  # W2 is gone; W3 takes over
+        await feed(w3, k.usage_topic, records[resume:])
+        return Counter(a["alert_id"] for a in broker.values(k.alerts_topic))
+
+    published = asyncio.run(scenario())
+    assert published and max(published.values()) == 1, {i: n for i, n in published.items() if n > 1}
