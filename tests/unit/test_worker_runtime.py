@@ -16,6 +16,7 @@ import detector.worker.app as worker_app
 from detector.engine import Engine
 from detector.settings import Settings
 from detector.wire import encode_usage
+from detector.worker.app import Runtime
 from detector.worker.config import KafkaSettings
 from detector.worker.consumer import UsageConsumer
 from tests.conftest import T0, make_event, normal_hour, retry_storm
@@ -43,6 +44,28 @@ def usage_records(broker: Broker, topic: str) -> list[Rec]:
     for ev in normal_hour(T0) + retry_storm(T0 + 3600):
         broker.append(topic, ev.api_key_id.encode(), encode_usage(ev))
     return broker.logs[topic]
+
+
+class Takeovers:
+    """One usage partition (a normal hour, then a storm) that workers take from one another."""
+
+    def __init__(self) -> None:
+        self.k, self.broker = KafkaSettings(repartition_by_team=False), Broker()
+        self.records = usage_records(self.broker, self.k.usage_topic)
+        self.tp = TopicPartition(self.k.usage_topic, 0)
+        self.cut = len(normal_hour(T0))  # where the storm begins
+
+    async def worker(self) -> Runtime:
+        """A worker that is assigned the partition (restoring its newest snapshot)."""
+        w = runtime(self.broker, self.k, self.k.usage_topic, Engine.default)
+        await w.assigned([self.tp])
+        return w
+
+    async def feed(self, w: Runtime, start: int, stop: int | None = None) -> None:
+        await feed(w, self.k.usage_topic, self.records[start:stop])
+
+    def published(self) -> Counter[str]:
+        return Counter(a["alert_id"] for a in self.broker.values(self.k.alerts_topic))
 
 
 def test_the_by_team_stage_resolves_on_the_idle_clock_once_traffic_stops(wall: WallClock) -> None:
@@ -87,27 +110,21 @@ def test_the_by_team_stage_resolves_on_the_idle_clock_once_traffic_stops(wall: W
 
 def test_a_second_takeover_while_re_processing_does_not_publish_again(wall: WallClock) -> None:
     """W1 pages and dies; W2 restores, is revoked before it re-raises the page; W3 must still hold it back."""
-    k, broker = KafkaSettings(repartition_by_team=False), Broker()
-    records = usage_records(broker, k.usage_topic)
-    tp = TopicPartition(k.usage_topic, 0)
-    cut = len(normal_hour(T0))
+    t = Takeovers()
 
     async def scenario() -> tuple[int, Counter[str]]:
-        w1 = runtime(broker, k, k.usage_topic, Engine.default)
-        await w1.assigned([tp])
-        await feed(w1, k.usage_topic, records[:cut])
+        w1 = await t.worker()
+        await t.feed(w1, 0, t.cut)
         await w1.save_all("periodic")
-        await feed(w1, k.usage_topic, records[cut:])  # pages; then kill -9: no snapshot after the page
-        assert broker.logs.get(k.alerts_topic), "W1 paged"
-        w2 = runtime(broker, k, k.usage_topic, Engine.default)
-        await w2.assigned([tp])
-        await feed(w2, k.usage_topic, records[cut : cut + 10])
-        await w2.revoked([tp])  # a rebalance: snapshot far before the page
-        w3 = runtime(broker, k, k.usage_topic, Engine.default)
-        await w3.assigned([tp])
+        await t.feed(w1, t.cut)  # pages; then kill -9: no snapshot after the page
+        assert t.published(), "W1 paged"
+        w2 = await t.worker()
+        await t.feed(w2, t.cut, t.cut + 10)
+        await w2.revoked([t.tp])  # a rebalance: snapshot far before the page
+        w3 = await t.worker()
         held_back = len(w3.parts[0].published)
-        await feed(w3, k.usage_topic, records[cut + 10 :])
-        return held_back, Counter(a["alert_id"] for a in broker.values(k.alerts_topic))
+        await t.feed(w3, t.cut + 10)
+        return held_back, t.published()
 
     held_back, published = asyncio.run(scenario())
     assert held_back >= 1, "W3 learns of W1's page from W2's snapshot"
@@ -257,24 +274,19 @@ def test_a_worker_given_back_a_partition_another_worked_on_meanwhile_takes_its_s
     """W1 stalls past its session (a zombie), W2 takes the partition and pages, then W1 gets it back.
 
     W1 kept its engine, so it went back to its own old offset and paged W2's alerts again (review)."""
-    k, broker = KafkaSettings(repartition_by_team=False), Broker()
-    records = usage_records(broker, k.usage_topic)
-    tp = TopicPartition(k.usage_topic, 0)
-    cut = len(normal_hour(T0))
+    t = Takeovers()
 
     async def scenario() -> Counter[str]:
-        w1 = runtime(broker, k, k.usage_topic, Engine.default)
-        await w1.assigned([tp])
-        await feed(w1, k.usage_topic, records[:cut])
-        await w1.revoked([tp])  # what it does when it finds itself out of the group
-        w2 = runtime(broker, k, k.usage_topic, Engine.default)
-        await w2.assigned([tp])
-        await feed(w2, k.usage_topic, records[cut:])  # pages
-        await w2.revoked([tp])
-        assert broker.logs.get(k.alerts_topic), "W2 paged"
-        (resume,) = (await w1.assigned([tp])).values()  # back to W1, which still holds its engine
-        await feed(w1, k.usage_topic, records[resume:])
-        return Counter(a["alert_id"] for a in broker.values(k.alerts_topic))
+        w1 = await t.worker()
+        await t.feed(w1, 0, t.cut)
+        await w1.revoked([t.tp])  # what it does when it finds itself out of the group
+        w2 = await t.worker()
+        await t.feed(w2, t.cut)  # pages
+        await w2.revoked([t.tp])
+        assert t.published(), "W2 paged"
+        (resume,) = (await w1.assigned([t.tp])).values()  # back to W1, which still holds its engine
+        await t.feed(w1, resume)
+        return t.published()
 
     published = asyncio.run(scenario())
     assert max(published.values()) == 1, {i: n for i, n in published.items() if n > 1}
@@ -283,26 +295,21 @@ def test_a_worker_given_back_a_partition_another_worked_on_meanwhile_takes_its_s
 def test_a_worker_out_of_the_group_unaware_writes_no_snapshot_over_the_new_owners(wall: WallClock) -> None:
     """W1 stalls; W2 takes over and pages; W1's revoke comes late. Its old engine must not replace W2's
     snapshot, or the next owner would go back to W1's offset and page W2's alerts again (review)."""
-    k, broker = KafkaSettings(repartition_by_team=False), Broker()
-    records = usage_records(broker, k.usage_topic)
-    tp = TopicPartition(k.usage_topic, 0)
-    cut = len(normal_hour(T0))
+    t = Takeovers()
 
     async def scenario() -> Counter[str]:
-        w1 = runtime(broker, k, k.usage_topic, Engine.default)
-        await w1.assigned([tp])
-        await feed(w1, k.usage_topic, records[:cut])
+        w1 = await t.worker()
+        await t.feed(w1, 0, t.cut)
         await w1.save_all("periodic")
-        await feed(w1, k.usage_topic, records[cut : cut + 5])  # changed since: its revoke would write
-        w2 = runtime(broker, k, k.usage_topic, Engine.default)
-        await w2.assigned([tp])  # W1 was dropped from the group while it stalled
-        await feed(w2, k.usage_topic, records[cut:])  # pages
+        await t.feed(w1, t.cut, t.cut + 5)  # changed since: its revoke would write
+        w2 = await t.worker()  # W1 was dropped from the group while it stalled
+        await t.feed(w2, t.cut)  # pages
         await w2.save_all("periodic")
-        await w1.revoked([tp])  # W1 wakes up and learns it is out
-        w3 = runtime(broker, k, k.usage_topic, Engine.default)
-        (resume,) = (await w3.assigned([tp])).values()  # W2 is gone; W3 takes over
-        await feed(w3, k.usage_topic, records[resume:])
-        return Counter(a["alert_id"] for a in broker.values(k.alerts_topic))
+        await w1.revoked([t.tp])  # W1 wakes up and learns it is out
+        w3 = runtime(t.broker, t.k, t.k.usage_topic, Engine.default)
+        (resume,) = (await w3.assigned([t.tp])).values()  # W2 is gone; W3 takes over
+        await t.feed(w3, resume)
+        return t.published()
 
     published = asyncio.run(scenario())
     assert published and max(published.values()) == 1, {i: n for i, n in published.items() if n > 1}
