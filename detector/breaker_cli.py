@@ -224,45 +224,28 @@ def _client_options(k: KafkaSettings) -> dict[str, Any]:
 
 async def ensure_topics(k: KafkaSettings) -> set[str]:
     """Create the breakers topic (compacted) and its audit topic when they are missing; the names created."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
+    from aiokafka.admin import NewTopic  # type: ignore[import-untyped]
 
-    admin = AIOKafkaAdminClient(**_client_options(k))
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        wanted = [
-            NewTopic(
-                k.breakers_topic,
-                num_partitions=k.partitions,
-                replication_factor=k.replication_factor,
-                topic_configs={"cleanup.policy": "compact"},
-            ),
-            NewTopic(
-                audit_topic(k),
-                num_partitions=1,  # one partition: one order for the whole history
-                replication_factor=k.replication_factor,
-                topic_configs={
-                    "cleanup.policy": "delete",
-                    "retention.ms": str(int(AUDIT_RETENTION_DAYS * 86400 * 1000)),
-                },
-            ),
-        ]
-        missing = [t for t in wanted if t.name not in existing]
-        if not missing:
-            return set()
-        response = await admin.create_topics(missing)
-        for topic, code, *message in response.topic_errors:
-            if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (created meanwhile)
-                raise RuntimeError(f"could not create topic {topic}: error {code} {message}")
-        async with asyncio.timeout(TIMEOUT_SECONDS):  # every partition has a leader before it is read
-            while not all(
-                t["error_code"] == 0 and t["partitions"] and all(p["leader"] >= 0 for p in t["partitions"])
-                for t in await admin.describe_topics([t.name for t in missing])
-            ):
-                await asyncio.sleep(0.1)
-        return {t.name for t in missing}
-    finally:
-        await admin.close()
+    from detector.worker.snapshots import create_missing_topics
+
+    wanted = [
+        NewTopic(
+            k.breakers_topic,
+            num_partitions=k.partitions,
+            replication_factor=k.replication_factor,
+            topic_configs={"cleanup.policy": "compact"},
+        ),
+        NewTopic(
+            audit_topic(k),
+            num_partitions=1,  # one partition: one order for the whole history
+            replication_factor=k.replication_factor,
+            topic_configs={
+                "cleanup.policy": "delete",
+                "retention.ms": str(int(AUDIT_RETENTION_DAYS * 86400 * 1000)),
+            },
+        ),
+    ]
+    return await create_missing_topics(k, wanted, timeout=TIMEOUT_SECONDS)
 
 
 async def current_changes(k: KafkaSettings, timeout: float = TIMEOUT_SECONDS) -> dict[str, BreakerChange] | None:

@@ -11,19 +11,17 @@ with the partitions the worker would give it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer  # type: ignore[import-untyped]
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
-from aiokafka.errors import TopicAlreadyExistsError  # type: ignore[import-untyped]
+from aiokafka.admin import NewTopic  # type: ignore[import-untyped]
 
 from detector.replay import open_events
 from detector.worker.config import KafkaSettings
-from detector.worker.snapshots import client_options
+from detector.worker.snapshots import client_options, create_missing_topics
 
 IN_FLIGHT = 10_000  # sends not yet acknowledged before the next one waits
 
@@ -38,20 +36,9 @@ def key_of(line: bytes) -> bytes | None:
     return key.encode() if isinstance(key, str) and key else None
 
 
-async def ensure_usage_topic(k: KafkaSettings) -> None:
-    admin = AIOKafkaAdminClient(**client_options(k))
-    await admin.start()
-    try:
-        if k.usage_topic not in await admin.list_topics():
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics([NewTopic(k.usage_topic, k.partitions, k.replication_factor)])
-    finally:
-        await admin.close()
-
-
 async def produce(k: KafkaSettings, source: str, rate: float = 0.0) -> int:
     """Send every non-blank line of ``source`` to the usage topic; returns how many were sent."""
-    await ensure_usage_topic(k)
+    await create_missing_topics(k, [NewTopic(k.usage_topic, k.partitions, k.replication_factor)])
     producer = AIOKafkaProducer(
         acks="all", enable_idempotence=True, linger_ms=10, max_batch_size=256 * 1024, **client_options(k)
     )

@@ -23,7 +23,6 @@ Time: breakers and silences run on the wall clock here (a gateway refuses in rea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -32,8 +31,7 @@ import time
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
-from aiokafka.errors import TopicAlreadyExistsError  # type: ignore[import-untyped]
+from aiokafka.admin import NewTopic  # type: ignore[import-untyped]
 from pydantic import ValidationError
 
 from detector.alerting.dispatch import Dispatcher
@@ -42,7 +40,13 @@ from detector.breakers import POLICY_ACTOR, entity_key
 from detector.enforce import BreakerFollower, BreakerTable
 from detector.events import Alert, BreakerChange, IncidentFeedback
 from detector.settings import Settings
-from detector.worker.snapshots import RECORD_HEADER, StateReader, aiokafka_security, client_options
+from detector.worker.snapshots import (
+    RECORD_HEADER,
+    StateReader,
+    aiokafka_security,
+    client_options,
+    create_missing_topics,
+)
 
 log = logging.getLogger("stormwatch.alerter")
 
@@ -54,28 +58,18 @@ KEEP_SECONDS = 30 * 86400.0  # finished deliveries and quiet Slack threads kept 
 
 
 async def ensure_topics(settings: Settings) -> None:
-    """The alerts and breakers topics, when missing (the worker creates them too)."""
+    """The alerts and breakers topics, when missing, as the worker makes them (whichever starts first)."""
     k = settings.kafka
-    admin = AIOKafkaAdminClient(**client_options(k))
-    await admin.start()
-    try:
-        wanted = [
-            # As the worker makes it: whichever of the two starts first creates it.
-            NewTopic(
-                k.alerts_topic,
-                k.partitions,
-                k.replication_factor,
-                topic_configs={"retention.ms": str(int(k.alerts_retention_days * 86400 * 1000))},
-            ),
-            NewTopic(k.breakers_topic, k.partitions, k.replication_factor, topic_configs={"cleanup.policy": "compact"}),
-        ]
-        existing = set(await admin.list_topics())
-        missing = [t for t in wanted if t.name not in existing]
-        if missing:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(missing)
-    finally:
-        await admin.close()
+    wanted = [
+        NewTopic(
+            k.alerts_topic,
+            k.partitions,
+            k.replication_factor,
+            topic_configs={"retention.ms": str(int(k.alerts_retention_days * 86400 * 1000))},
+        ),
+        NewTopic(k.breakers_topic, k.partitions, k.replication_factor, topic_configs={"cleanup.policy": "compact"}),
+    ]
+    await create_missing_topics(k, wanted)
 
 
 async def find_incident(settings: Settings, incident_id: str, timeout: float = 30.0) -> Alert | None:

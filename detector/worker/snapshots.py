@@ -26,11 +26,12 @@ import asyncio
 import json
 import ssl
 import zlib
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition  # type: ignore[import-untyped]
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
 
 from detector.worker.config import KafkaSettings
 
@@ -127,6 +128,34 @@ def aiokafka_security(k: KafkaSettings) -> dict[str, Any]:
 def client_options(k: KafkaSettings) -> dict[str, Any]:
     """Bootstrap servers and security settings, as every aiokafka client of ours takes them."""
     return {"bootstrap_servers": k.hosts(), **aiokafka_security(k)}
+
+
+async def create_missing_topics(k: KafkaSettings, wanted: Sequence[NewTopic], timeout: float = 30.0) -> set[str]:
+    """Create those of ``wanted`` that do not exist, and wait until each has a leader; the names created.
+
+    For the shells that may start before the worker (the alerter, ``detector breaker``,
+    ``detector produce``): a topic made by whichever starts first has the same settings.
+    """
+    admin = AIOKafkaAdminClient(**client_options(k))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in wanted if t.name not in existing]
+        if not missing:
+            return set()
+        response = await admin.create_topics(missing)
+        for topic, code, *message in response.topic_errors:
+            if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (created meanwhile)
+                raise RuntimeError(f"could not create topic {topic}: error {code} {message}")
+        async with asyncio.timeout(timeout):  # every partition has a leader before it is read or written
+            while not all(
+                t["error_code"] == 0 and t["partitions"] and all(p["leader"] >= 0 for p in t["partitions"])
+                for t in await admin.describe_topics([t.name for t in missing])
+            ):
+                await asyncio.sleep(0.1)
+        return {t.name for t in missing}
+    finally:
+        await admin.close()
 
 
 class StateReader:
