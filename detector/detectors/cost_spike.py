@@ -217,8 +217,11 @@ class CostSpike(EntityStores):
         for store in self._stores.values():
             for _, st in store.items():
                 st.gate, st.level.alpha = gate, alpha
-        self._teams = {ident: team for ident, team in old._teams.items() if ident[0] in self._stores}
-        self._dirty = [d for d in old._dirty if d[0] in self._stores]
+        # Only for what the stores took (a snapshot from before team scoping left its users' and agents'
+        # bare keys behind: no eviction would ever clear their entries).
+        held = {(etype, key) for etype, store in self._stores.items() for key in store}
+        self._teams = {ident: team for ident, team in old._teams.items() if ident in held}
+        self._dirty = [d for d in old._dirty if (d[0], d[1]) in held]
 
     def observe(self, ev: Usage, ts: float, cost: float) -> None:
         slot = int(ts // SLOT)

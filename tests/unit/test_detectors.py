@@ -399,3 +399,18 @@ def test_a_snapshot_from_before_team_scoping_keeps_keys_and_relearns_agents() ->
     new = RetryStorm()
     new.adopt(pickle.loads(pickle.dumps(old)))
     assert list(new._stores["api_key"]) == ["k1"] and list(new._stores["agent"]) == []
+
+
+def test_a_cost_spike_snapshot_from_before_team_scoping_leaves_no_orphan_owners() -> None:
+    import pickle
+
+    old = CostSpike(entity_types=("api_key", "agent"))
+    old.observe(make_event(T0, api_key_id="k1", agent_id="assistant"), T0, 0.01)
+    old._stores["agent"].drop(lambda key: True)  # put back the keys of before: a bare agent name
+    old._stores["agent"].get("assistant", T0)
+    old._teams[("agent", "assistant")] = "search"
+    old._dirty.append(("agent", "assistant", old._stores["agent"].peek("assistant")))
+    new = CostSpike(entity_types=("api_key", "agent"))
+    new.adopt(pickle.loads(pickle.dumps(old)))
+    assert set(new._teams) == {("api_key", "k1")} and [d[:2] for d in new._dirty] == [("api_key", "k1")]
+    assert new.evaluate(T0 + 60) == []
