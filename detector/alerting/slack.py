@@ -378,12 +378,13 @@ class SlackThreads:
         return Posted(*row) if row else None
 
     def record(self, alert_id: str, incident_id: str, target: str, posted: Posted, at: float) -> None:
-        with self._db:
-            self._db.execute(
-                "INSERT OR IGNORE INTO slack_messages VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (alert_id, incident_id, target, posted.channel, posted.ts, posted.thread_ts, at),
-            )
-            self._db.execute("DELETE FROM slack_attempts WHERE alert_id = ?", (alert_id,))
+        # Autocommit: message first, then the attempt note. A crash between leaves a note that
+        # posted() makes moot (the message is found before the note is looked at).
+        self._db.execute(
+            "INSERT OR IGNORE INTO slack_messages VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (alert_id, incident_id, target, posted.channel, posted.ts, posted.thread_ts, at),
+        )
+        self.forget_attempt(alert_id)
 
     def attempting(self, alert_id: str, thread_ts: str | None, at: float) -> None:
         """Note a post about to go out, before it does: if its answer is lost, the next try looks first."""
