@@ -315,8 +315,15 @@ def _live_feed() -> Feed:
 
 def _serve(feed: Feed, settings: Settings, alerts: Sequence[Alert], console: Console) -> None:
     """The dashboard over a finished replay, until Ctrl-C: breakers as the [alerting] policy set them."""
-    from detector.web import LocalBreakerControl, LocalFeedback, answers_to, bound_port, create_web_app, serve
-    from detector.web.server import url_host
+    from detector.web import (
+        LocalBreakerControl,
+        LocalFeedback,
+        answers_to,
+        bound_port,
+        create_web_app,
+        serve,
+        url_host,
+    )
 
     policy = Dispatcher(settings, dry_run=True, echo=lambda line: None, on_change=feed.observe_breaker)
 

@@ -27,7 +27,7 @@ from detector.web.control import (
 )
 from detector.web.feed import Feed, build_view_from_replay, event_cost, replay_into
 from detector.web.metrics import Metrics
-from detector.web.server import BackgroundServer, answers_to, bound_port, create_web_app, serve
+from detector.web.server import BackgroundServer, answers_to, bound_port, create_web_app, serve, url_host
 from detector.web.view import LiveView, ViewLimits
 
 __all__ = [
@@ -49,4 +49,5 @@ __all__ = [
     "event_cost",
     "replay_into",
     "serve",
+    "url_host",
 ]
