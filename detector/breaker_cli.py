@@ -2,12 +2,16 @@
 
 * ``open ENTITY --reason TEXT [--ttl 30m] [--by NAME]`` and ``close ENTITY --reason TEXT [--by NAME]``
   read the entity's newest change from the compacted breakers topic (``kafka.breakers_topic``),
-  write the next :class:`~detector.events.BreakerChange` (key ``<type>:<id>``, version and id as
-  in :mod:`detector.breakers`), then an audit record (who, when, why, the change) to the
+  write the next :class:`~detector.events.BreakerChange` (key and version as in
+  :mod:`detector.breakers`), then an audit record (who, when, why, the change) to the
   append-only ``<breakers_topic>.audit`` topic: the compacted topic alone forgets history.
   Missing topics are created (the breakers topic compacted, the audit topic kept
   ``AUDIT_RETENTION_DAYS``). Closing a breaker that is closed writes nothing.
 * ``list [--all]``: a table of the breakers that are not closed (every one with ``--all``).
+
+An agent's or a session's breaker is its team's (``--owner TEAM``): ``open agent:assistant
+--owner search`` stops ``assistant`` of team ``search`` only. ``--owner`` may be left out when
+exactly one team has a breaker on the entity (a team owns itself).
 
 Settings as every command: ``--config`` / ``$STORMWATCH_CONFIG`` and ``STORMWATCH_KAFKA__*``.
 
@@ -38,7 +42,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from detector.breakers import format_duration, make_change, parse_duration, parse_entity
+from detector.breakers import (
+    TEAM_SCOPED,
+    change_key,
+    entity_key,
+    format_duration,
+    make_change,
+    parse_duration,
+    parse_entity,
+)
 from detector.events import BreakerChange, BreakerState, Entity, utc_from_epoch
 from detector.settings import Settings, load_settings
 from detector.worker.config import KafkaSettings
@@ -52,12 +64,18 @@ __all__ = [
     "current_changes",
     "manual_change",
     "open_breaker",
+    "resolve_owner",
     "run",
 ]
 
 AUDIT_RETENTION_DAYS = 365.0
 TIMEOUT_SECONDS = 30.0
 Action = Literal["open", "close"]
+OWNER_HELP = "team whose agent or session it is (default: the team of its only breaker)"
+
+
+class OwnerNeeded(ValueError):
+    """An agent or session named without ``--owner``, and not exactly one team has a breaker on it."""
 
 
 def audit_topic(k: KafkaSettings) -> str:
@@ -81,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_arg: Callable[[argpars
         "--ttl", type=_duration_arg, default=1800.0, help="how long before it turns half-open: 90s, 30m, 2h, none (30m)"
     )
     p.add_argument("--by", default=None, help="who opens it (default: $USER)")
-    p.add_argument("--owner", default=None, help="team that owns the entity (default: from its last change)")
+    p.add_argument("--owner", default=None, help=OWNER_HELP)
     p.add_argument("--incident", default=None, help="the incident id behind it, if any")
     config_arg(p)
 
@@ -89,6 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_arg: Callable[[argpars
     p.add_argument("entity", type=_entity_arg, metavar="ENTITY", help="TYPE:ID")
     p.add_argument("--reason", required=True, help="why it can close")
     p.add_argument("--by", default=None, help="who closes it (default: $USER)")
+    p.add_argument("--owner", default=None, help=OWNER_HELP)
     config_arg(p)
 
 
@@ -144,7 +163,10 @@ def run(args: argparse.Namespace) -> int:
                 open_breaker(k, args.entity, args.reason, actor, args.ttl, owner=args.owner, incident_id=args.incident)
             )
         else:
-            change = asyncio.run(close_breaker(k, args.entity, args.reason, actor))
+            change = asyncio.run(close_breaker(k, args.entity, args.reason, actor, owner=args.owner))
+    except OwnerNeeded as error:
+        console.print(f"[red]{escape(str(error))}[/]")
+        return 2
     except (KafkaError, TimeoutError, OSError, RuntimeError) as error:
         console.print(f"[red]breaker {args.breaker_action} failed[/] " + escape(f"({k.bootstrap_servers}): {error!r}"))
         return 1
@@ -159,6 +181,27 @@ def run(args: argparse.Namespace) -> int:
         highlight=False,
     )
     return 0
+
+
+def resolve_owner(entity: Entity, owner: str | None, changes: dict[str, BreakerChange]) -> str:
+    """The team a manual change is for: ``owner``, else the team's own, else that of the only breaker on it.
+
+    >>> resolve_owner(parse_entity("agent:assistant"), None, {})
+    Traceback (most recent call last):
+    ...
+    detector.breaker_cli.OwnerNeeded: agent:assistant: whose? Each team has its own; say --owner TEAM
+    """
+    if owner is not None:
+        return owner
+    if entity.type == "team":
+        return entity.id
+    known = sorted({c.owner for c in changes.values() if c.entity == entity})
+    if len(known) == 1:
+        return known[0]
+    if entity.type in TEAM_SCOPED:
+        teams = f" (teams with a breaker on it: {', '.join(known)})" if known else ""
+        raise OwnerNeeded(f"{entity}: whose? Each team has its own; say --owner TEAM{teams}")
+    return "unknown"
 
 
 def manual_change(
@@ -176,6 +219,8 @@ def manual_change(
     """The change a person makes on top of ``current`` (the entity's newest change, None if none)."""
     if owner is None:
         owner = current.owner if current is not None else (entity.id if entity.type == "team" else "unknown")
+    elif current is not None and entity_key(entity, owner) != entity_key(current.entity, current.owner):
+        raise ValueError(f"{current.entity} of {current.owner} is not {entity} of {owner}")
     if action == "open":
         expires = None if math.isinf(ttl) else at + ttl
         return make_change(
@@ -206,6 +251,7 @@ def audit_record(action: Action, change: BreakerChange, at: float) -> dict[str, 
     return {
         "action": action,
         "entity": f"{change.entity.type}:{change.entity.id}",
+        "owner": change.owner,
         "actor": change.actor,
         "reason": change.reason,
         "at": utc_from_epoch(at).isoformat(),
@@ -249,7 +295,7 @@ async def ensure_topics(k: KafkaSettings) -> set[str]:
 
 
 async def current_changes(k: KafkaSettings, timeout: float = TIMEOUT_SECONDS) -> dict[str, BreakerChange] | None:
-    """The newest change of every entity on the breakers topic (None: no such topic)."""
+    """The newest change of every breaker on the breakers topic, by its key (None: no such topic)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     from detector.enforce import BreakerFollower, BreakerTable
@@ -270,7 +316,7 @@ async def current_changes(k: KafkaSettings, timeout: float = TIMEOUT_SECONDS) ->
             await follower.ready
     finally:
         await follower.stop()
-    return {f"{c.entity.type}:{c.entity.id}": c for c in table.changes()}
+    return {change_key(c): c for c in table.changes()}
 
 
 async def _write(k: KafkaSettings, action: Action, change: BreakerChange, at: float) -> None:
@@ -280,7 +326,7 @@ async def _write(k: KafkaSettings, action: Action, change: BreakerChange, at: fl
     producer = AIOKafkaProducer(acks="all", enable_idempotence=True, **_client_options(k))
     await producer.start()
     try:
-        key = f"{change.entity.type}:{change.entity.id}".encode()
+        key = change_key(change).encode()
         audit = orjson.dumps(audit_record(action, change, at))
         async with asyncio.timeout(TIMEOUT_SECONDS):
             await producer.send_and_wait(k.breakers_topic, key=key, value=change.model_dump_json().encode())
@@ -295,11 +341,11 @@ async def _write(k: KafkaSettings, action: Action, change: BreakerChange, at: fl
         await producer.stop()
 
 
-async def _current(k: KafkaSettings, entity: Entity) -> BreakerChange | None:
-    """The newest change of ``entity``, creating the topics when they are missing (then it has none)."""
-    if k.breakers_topic in await ensure_topics(k):
-        return None
-    return (await current_changes(k) or {}).get(f"{entity.type}:{entity.id}")
+async def _current(k: KafkaSettings, entity: Entity, owner: str | None) -> tuple[BreakerChange | None, str]:
+    """The newest change of ``entity``'s breaker and its owner, creating the topics when they are missing."""
+    changes = {} if k.breakers_topic in await ensure_topics(k) else (await current_changes(k) or {})
+    owner = resolve_owner(entity, owner, changes)
+    return changes.get(entity_key(entity, owner)), owner
 
 
 async def open_breaker(
@@ -313,8 +359,12 @@ async def open_breaker(
     incident_id: str | None = None,
     now: float | None = None,
 ) -> BreakerChange:
-    """Open ``entity``'s breaker for ``ttl`` seconds (``math.inf``: until closed) and audit it."""
-    current = await _current(k, entity)
+    """Open ``entity``'s breaker for ``ttl`` seconds (``math.inf``: until closed) and audit it.
+
+    Raises :class:`OwnerNeeded` for an agent or session whose team ``owner`` does not say and
+    the topic does not tell.
+    """
+    current, owner = await _current(k, entity, owner)
     at = time.time() if now is None else now
     change = manual_change(
         current, entity, "open", at=at, reason=reason, actor=actor, ttl=ttl, owner=owner, incident_id=incident_id
@@ -324,14 +374,14 @@ async def open_breaker(
 
 
 async def close_breaker(
-    k: KafkaSettings, entity: Entity, reason: str, actor: str, *, now: float | None = None
+    k: KafkaSettings, entity: Entity, reason: str, actor: str, *, owner: str | None = None, now: float | None = None
 ) -> BreakerChange | None:
-    """Close ``entity``'s breaker and audit it; None (nothing written) when it is closed already."""
-    current = await _current(k, entity)
+    """Close ``entity``'s breaker (of team ``owner``) and audit it; None (nothing written) when closed already."""
+    current, owner = await _current(k, entity, owner)
     if current is None or current.state is BreakerState.CLOSED:
         return None
     at = time.time() if now is None else now
-    change = manual_change(current, entity, "close", at=at, reason=reason, actor=actor)
+    change = manual_change(current, entity, "close", at=at, reason=reason, actor=actor, owner=owner)
     await _write(k, "close", change, at)
     return change
 
@@ -349,7 +399,7 @@ def print_breakers(console: Console, changes: list[BreakerChange], show_all: boo
         console.print("no breakers " + ("on the topic" if show_all else "open or half-open"))
         return
     table = Table(title=f"breakers ({len(shown)})", title_justify="left")
-    for column in ("entity", "state", "since UTC", "until UTC", "by", "reason"):
+    for column in ("entity", "owner", "state", "since UTC", "until UTC", "by", "reason"):
         table.add_column(column, overflow="fold", no_wrap=column in ("state", "since UTC"))
     colour = {"open": "red", "half_open": "yellow", "closed": "green"}
     for c in shown:
@@ -360,9 +410,10 @@ def print_breakers(console: Console, changes: list[BreakerChange], show_all: boo
             until = f"{c.expires_at:%m-%d %H:%M:%S}" + (f" ({format_duration(left)})" if left > 0 else " (expired)")
         else:
             until = ""
-        why = c.reason + (f" [incident {c.incident_id}]" if c.incident_id else "") + f" (owner {c.owner})"
+        why = c.reason + (f" [incident {c.incident_id}]" if c.incident_id else "")
         table.add_row(
             escape(f"{c.entity.type}:{c.entity.id}"),
+            escape(c.owner),
             f"[{colour[c.state.value]}]{c.state.value}[/]",
             f"{c.changed_at:%m-%d %H:%M:%S}",
             until,

@@ -14,6 +14,13 @@ records each call produced. Times are epoch seconds of event time, as in the eng
 change caused by time (an expiry, the end of a probe period) carries the moment it was due,
 not the moment :meth:`BreakerBoard.advance` noticed it, so the same calls give the same changes.
 
+Agents and sessions are named by the teams that run them ("assistant", session "1"), so their
+breakers, like their state in the engine, are per team: the breaker of agent ``assistant`` of
+team ``search`` is not the one of ``assistant`` of ``ads``. Each has its own key on the
+breakers topic (:func:`entity_key`: ``agent:search/assistant``) and a gateway refuses a
+request by it only when the request names that team (see :mod:`detector.enforce`). Teams and
+API keys are one namespace: their keys are ``team:search`` and ``api_key:k-1``.
+
 Versions and ids are deterministic: ``version = max(previous + 1, whole seconds of changed_at)``
 (see :func:`next_version`) and ``change_id`` is a UUID derived from entity, version and state.
 The time floor keeps versions rising after the board forgets a closed breaker (a breaker made
@@ -42,7 +49,7 @@ import re
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import get_args
+from typing import Any, get_args
 
 from detector.events import BreakerChange, BreakerEntityType, BreakerState, Entity, utc_from_epoch
 
@@ -50,8 +57,10 @@ __all__ = [
     "BREAKER_ENTITY_TYPES",
     "NAMESPACE",
     "POLICY_ACTOR",
+    "TEAM_SCOPED",
     "Breaker",
     "BreakerBoard",
+    "change_key",
     "entity_key",
     "format_duration",
     "make_change",
@@ -63,13 +72,30 @@ __all__ = [
 NAMESPACE = uuid.UUID("0d6f3a52-2c1e-4f7b-9e0a-6b8d4c3f1a27")
 POLICY_ACTOR = "stormwatch"
 BREAKER_ENTITY_TYPES: frozenset[str] = frozenset(get_args(BreakerEntityType))
+TEAM_SCOPED: frozenset[str] = frozenset({"agent", "session"})  # breakers kept per owning team
 
 OPEN, HALF_OPEN, CLOSED = BreakerState.OPEN, BreakerState.HALF_OPEN, BreakerState.CLOSED
 
 
-def entity_key(entity: Entity) -> str:
-    """The breakers topic's key of ``entity``: ``<entity type>:<entity id>``."""
+def entity_key(entity: Entity, owner: str) -> str:
+    """The breakers topic's key of ``entity`` owned by team ``owner``.
+
+    ``<type>:<id>`` for a team or API key; ``<type>:<owner>/<id>`` for an agent or session,
+    with ``%`` and ``/`` of the owner written ``%25`` and ``%2F`` so that no two differ only
+    in where the owner ends.
+
+    >>> from detector.events import Entity
+    >>> entity_key(Entity(type="api_key", id="k-1"), "search"), entity_key(Entity(type="agent", id="a/b"), "ads/eu")
+    ('api_key:k-1', 'agent:ads%2Feu/a/b')
+    """
+    if entity.type in TEAM_SCOPED:
+        return f"{entity.type}:{owner.replace('%', '%25').replace('/', '%2F')}/{entity.id}"
     return f"{entity.type}:{entity.id}"
+
+
+def change_key(change: BreakerChange) -> str:
+    """The breakers topic's key of ``change``: that of its entity and owner."""
+    return entity_key(change.entity, change.owner)
 
 
 def parse_entity(text: str) -> Entity:
@@ -170,7 +196,7 @@ def _change(
     if expires_at is not None and (state is not OPEN or not math.isfinite(expires_at)):
         expires_at = None
     return BreakerChange(
-        change_id=str(uuid.uuid5(NAMESPACE, f"{entity_key(entity)}:{version}:{state.value}")),
+        change_id=str(uuid.uuid5(NAMESPACE, f"{entity_key(entity, owner)}:{version}:{state.value}")),
         entity=entity,
         owner=owner,
         state=state,
@@ -208,7 +234,8 @@ class BreakerBoard:
     reopens it for ``backoff`` times the last TTL, at most ``max_ttl``. ``probe_seconds`` is how
     long a half-open breaker waits for a new trip before it closes. Closed breakers are
     forgotten ``forget_after`` seconds after they closed, and at most ``max_closed`` are kept;
-    open and half-open ones are always kept (gateways are refusing on them). Picklable.
+    open and half-open ones are always kept (gateways are refusing on them). An agent's or a
+    session's breaker is one per owning team (:func:`entity_key`). Picklable.
     """
 
     def __init__(
@@ -232,10 +259,23 @@ class BreakerBoard:
         self._active: dict[str, None] = {}  # open and half-open keys, in the order they became so
         self._closed: OrderedDict[str, None] = OrderedDict()  # closed keys, longest closed first
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        # A board pickled before agents and sessions were kept per team has them under "<type>:<id>".
+        key = {k: entity_key(b.entity, b.owner) for k, b in self._breakers.items()}
+        self._breakers = {key[k]: b for k, b in self._breakers.items()}
+        self._active = {key[k]: None for k in self._active}
+        self._closed = OrderedDict((key[k], None) for k in self._closed)
+
     # -- queries ---------------------------------------------------------------------------------
 
-    def get(self, entity: Entity | str) -> Breaker | None:
-        return self._breakers.get(entity if isinstance(entity, str) else entity_key(entity))
+    def get(self, entity: Entity, owner: str) -> Breaker | None:
+        """The breaker of ``entity`` (an agent's or session's: of team ``owner``)."""
+        return self._breakers.get(entity_key(entity, owner))
+
+    def owners(self, entity: Entity) -> list[str]:
+        """The teams that have a breaker on ``entity`` (one for a team or an API key)."""
+        return [b.owner for b in self._breakers.values() if b.entity == entity]
 
     def __len__(self) -> int:
         return len(self._breakers)
@@ -268,7 +308,7 @@ class BreakerBoard:
             raise ValueError(f"a breaker guards a team, api_key, agent or session, not a {entity.type}")
         if ttl is not None and not ttl > 0:
             raise ValueError("ttl must be more than zero")
-        key = entity_key(entity)
+        key = entity_key(entity, owner)
         changes = self._settle(key, now)
         b = self._breakers.get(key)
         if b is None:
@@ -283,9 +323,9 @@ class BreakerBoard:
         changes.append(self._move(b, OPEN, now, reason, actor, incident_id, expires))
         return changes
 
-    def close(self, entity: Entity, now: float, *, reason: str, actor: str) -> list[BreakerChange]:
-        """Close the breaker of ``entity`` by hand; nothing when it is closed (or unknown) already."""
-        key = entity_key(entity)
+    def close(self, entity: Entity, now: float, *, owner: str, reason: str, actor: str) -> list[BreakerChange]:
+        """Close the breaker of ``entity`` (of team ``owner``) by hand; nothing when closed or unknown already."""
+        key = entity_key(entity, owner)
         changes = self._settle(key, now)
         b = self._breakers.get(key)
         if b is not None and b.state is not CLOSED:
@@ -309,7 +349,7 @@ class BreakerBoard:
         """Adopt a change made elsewhere (``detector breaker`` on the topic) if it is newer than ours."""
         if change.entity.type not in BREAKER_ENTITY_TYPES:
             return False
-        key = entity_key(change.entity)
+        key = entity_key(change.entity, change.owner)
         b = self._breakers.get(key)
         if b is not None and change.version <= b.version:
             return False
@@ -369,7 +409,7 @@ class BreakerBoard:
         incident_id: str | None,
         expires_at: float | None,
     ) -> None:
-        key = entity_key(b.entity)
+        key = entity_key(b.entity, b.owner)
         b.state, b.version, b.since = state, version, at
         b.reason, b.actor, b.incident_id = reason, actor, incident_id
         b.expires_at = expires_at if state is OPEN else None

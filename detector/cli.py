@@ -569,6 +569,7 @@ def _feedback(args: argparse.Namespace) -> int:
         incident_id=alert.incident_id,
         kind=alert.kind,
         entity=alert.entity,
+        team=alert.owner,
         label=FeedbackLabel(args.label),
         actor=args.by,
         labelled_at=datetime.now(UTC),

@@ -21,6 +21,8 @@
 (True, False)
 >>> table.allowed(session="s-1", now=t0 + 1), table.allowed(session="s-2", api_key="k", now=t0 + 1)
 (False, True)
+>>> table.allowed(session="s-1", team="search", now=t0 + 1), table.allowed(session="s-1", team="ads", now=t0 + 1)
+(False, True)
 >>> table.why(session="s-1", now=t0 + 1).reason, table.retry_after(change, now=t0 + 1)
 ('agent loop', 599)
 >>> [table.allowed(session="s-1", now=t0 + 600 + dt) for dt in (0, 1, 30)]  # expired: one probe per 30 s
@@ -43,7 +45,8 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from detector.events import BreakerChange, BreakerState
+from detector.breakers import BREAKER_ENTITY_TYPES, TEAM_SCOPED, change_key
+from detector.events import BreakerChange, BreakerState, Entity
 
 __all__ = [
     "BreakerFollower",
@@ -72,6 +75,24 @@ class _Entry:
     next_probe: float  # from this time on, one probe request passes
 
 
+def _entries(
+    t: _Entry | None,
+    k: _Entry | None,
+    a: dict[str, _Entry] | None,
+    s: dict[str, _Entry] | None,
+    team: str | None,
+) -> tuple[_Entry | None, ...]:
+    """A request's refusing entries: its team's and key's, and its agent's and session's of its team.
+
+    A request that names no team gets every team's breaker on its agent and session ids.
+    """
+    entries: tuple[_Entry | None, ...] = (t, k)
+    for owners in (a, s):
+        if owners is not None:
+            entries += (owners.get(team),) if team is not None else tuple(owners.values())
+    return entries
+
+
 class BreakerTable:
     """The newest change of every entity's breaker, and the gateway's yes or no.
 
@@ -80,6 +101,11 @@ class BreakerTable:
     request path; at most ``max_closed`` of their last changes are kept (oldest dropped),
     for ordering and for ``detector breaker list --all``. Not thread-safe: use it from one
     event loop (or one thread).
+
+    An agent's or a session's breaker belongs to its owner team (teams name their agents and
+    sessions, and two may pick the same name): it refuses a request that names that team. A
+    request that names no team is refused by the breakers of every team on its agent or
+    session id, as the table cannot tell whose it is: gateways should pass the team.
     """
 
     def __init__(self, probe_interval: float = 30.0, retry_after_unknown: int = 60, max_closed: int = 100_000) -> None:
@@ -90,29 +116,30 @@ class BreakerTable:
         self.max_closed = max_closed
         self.applied = 0
         self.ignored = 0
-        self._latest: dict[str, BreakerChange] = {}  # key "<type>:<id>" -> newest change
+        self._latest: dict[str, BreakerChange] = {}  # topic key (entity_key) -> newest change
         self._closed: OrderedDict[str, None] = OrderedDict()
+        # The refusing breakers: team and api_key by id; agent and session by id, then owner team.
         self._team: dict[str, _Entry] = {}
         self._api_key: dict[str, _Entry] = {}
-        self._agent: dict[str, _Entry] = {}
-        self._session: dict[str, _Entry] = {}
-        self._by_type = {"team": self._team, "api_key": self._api_key, "agent": self._agent, "session": self._session}
+        self._agent: dict[str, dict[str, _Entry]] = {}
+        self._session: dict[str, dict[str, _Entry]] = {}
+        self._global = {"team": self._team, "api_key": self._api_key}
+        self._scoped = {"agent": self._agent, "session": self._session}
 
     # -- updates ---------------------------------------------------------------------------------
 
     def apply(self, change: BreakerChange) -> bool:
         """Take ``change`` if it is newer than what the table has for its entity; True if taken."""
-        refusing = self._by_type.get(change.entity.type)
-        key = f"{change.entity.type}:{change.entity.id}"
+        kind = change.entity.type
+        key = change_key(change)
         old = self._latest.get(key)
-        if refusing is None or (old is not None and change.version <= old.version):
+        if kind not in BREAKER_ENTITY_TYPES or (old is not None and change.version <= old.version):
             self.ignored += 1
             return False
         self.applied += 1
         self._latest[key] = change
-        ident = change.entity.id
         if change.state is CLOSED:
-            refusing.pop(ident, None)
+            self._unrefuse(change)
             self._closed[key] = None
             self._closed.move_to_end(key)
             while len(self._closed) > self.max_closed:
@@ -120,7 +147,9 @@ class BreakerTable:
             return True
         self._closed.pop(key, None)
         at = change.changed_at.timestamp()
-        previous = refusing.get(ident)
+        refusing, slot = self._slot(change, create=True)
+        assert refusing is not None
+        previous = refusing.get(slot)
         if change.state is OPEN:
             until = change.expires_at.timestamp() if change.expires_at is not None else math.inf
             entry = _Entry(change, open_until=until, next_probe=until)
@@ -129,17 +158,42 @@ class BreakerTable:
         if previous is not None and previous.open_until <= at:
             # An expired open entry may have let a probe through already: the half-open change keeps its slot.
             entry.next_probe = max(entry.next_probe, previous.next_probe)
-        refusing[ident] = entry
+        refusing[slot] = entry
         return True
 
     def forget(self, key: str) -> None:
-        """Drop an entity (a tombstone, ``key`` = ``<type>:<id>``)."""
-        kind, _, ident = key.partition(":")
-        self._latest.pop(key, None)
+        """Drop an entity (a tombstone of its topic key, :func:`~detector.breakers.entity_key`).
+
+        A key from before agents and sessions were kept per team (``agent:<id>``) that the table
+        does not hold drops that id's breakers of every team.
+        """
         self._closed.pop(key, None)
-        refusing = self._by_type.get(kind)
+        change = self._latest.pop(key, None)
+        if change is not None:
+            self._unrefuse(change)
+            return
+        kind, _, ident = key.partition(":")
+        by_id = self._scoped.get(kind)
+        for entry in list((by_id or {}).get(ident, {}).values()):
+            self.forget(change_key(entry.change))
+
+    def _slot(self, change: BreakerChange, create: bool = False) -> tuple[dict[str, _Entry] | None, str]:
+        """The dict that holds ``change``'s refusing entry, and its key there."""
+        kind, ident = change.entity.type, change.entity.id
+        by_id = self._scoped.get(kind)
+        if by_id is None:
+            return self._global.get(kind), ident
+        owners = by_id.get(ident)
+        if owners is None and create:
+            owners = by_id[ident] = {}
+        return owners, change.owner
+
+    def _unrefuse(self, change: BreakerChange) -> None:
+        refusing, slot = self._slot(change)
         if refusing is not None:
-            refusing.pop(ident, None)
+            refusing.pop(slot, None)
+            if not refusing and change.entity.type in TEAM_SCOPED:
+                del self._scoped[change.entity.type][change.entity.id]
 
     # -- the request path --------------------------------------------------------------------------
 
@@ -152,13 +206,14 @@ class BreakerTable:
         now: float | None = None,
     ) -> bool:
         """Whether a request of these entities may go on (a half-open probe counts as taken)."""
+        # The lookups are written out here and in check(): a call less on every request a gateway serves.
         k = self._api_key.get(api_key) if api_key is not None else None
         a = self._agent.get(agent) if agent is not None else None
         s = self._session.get(session) if session is not None else None
         t = self._team.get(team) if team is not None else None
         if k is None and a is None and s is None and t is None:
             return True
-        return self._decide((t, k, a, s), now, take_probe=True) is None
+        return self._decide(_entries(t, k, a, s, team), now, take_probe=True) is None
 
     def check(
         self,
@@ -175,7 +230,7 @@ class BreakerTable:
         t = self._team.get(team) if team is not None else None
         if k is None and a is None and s is None and t is None:
             return None
-        return self._decide((t, k, a, s), now, take_probe=True)
+        return self._decide(_entries(t, k, a, s, team), now, take_probe=True)
 
     def why(
         self,
@@ -186,13 +241,11 @@ class BreakerTable:
         now: float | None = None,
     ) -> BreakerChange | None:
         """The change that refuses these entities now (for the error body), without taking a probe."""
-        entries = (
-            self._team.get(team) if team is not None else None,
-            self._api_key.get(api_key) if api_key is not None else None,
-            self._agent.get(agent) if agent is not None else None,
-            self._session.get(session) if session is not None else None,
-        )
-        return self._decide(entries, now, take_probe=False)
+        k = self._api_key.get(api_key) if api_key is not None else None
+        a = self._agent.get(agent) if agent is not None else None
+        s = self._session.get(session) if session is not None else None
+        t = self._team.get(team) if team is not None else None
+        return self._decide(_entries(t, k, a, s, team), now, take_probe=False)
 
     def _decide(self, entries: tuple[_Entry | None, ...], now: float | None, take_probe: bool) -> BreakerChange | None:
         if now is None:
@@ -213,7 +266,8 @@ class BreakerTable:
         """Whole seconds until ``change``'s breaker may let a request through (``Retry-After``)."""
         if now is None:
             now = time.time()
-        entry = self._by_type.get(change.entity.type, {}).get(change.entity.id)
+        refusing, slot = self._slot(change)
+        entry = refusing.get(slot) if refusing is not None else None
         if entry is None:
             return 1
         at = entry.open_until if now < entry.open_until else entry.next_probe
@@ -228,12 +282,17 @@ class BreakerTable:
         return list(self._latest.values())
 
     def get(self, key: str) -> BreakerChange | None:
-        """The newest change of ``key`` (``<type>:<id>``)."""
+        """The newest change of ``key`` (:func:`~detector.breakers.entity_key`: ``api_key:k-1``, ``agent:search/a``)."""
         return self._latest.get(key)
+
+    def find(self, entity: Entity) -> list[BreakerChange]:
+        """The newest change of every breaker on ``entity``: one per owner team for an agent or a session."""
+        return [c for c in self._latest.values() if c.entity == entity]
 
     def __len__(self) -> int:
         """Refusing (open or half-open) breakers."""
-        return sum(len(d) for d in self._by_type.values())
+        scoped = sum(len(owners) for by_id in self._scoped.values() for owners in by_id.values())
+        return len(self._team) + len(self._api_key) + scoped
 
 
 def bench_allowed(calls: int = 1_000_000, breakers: int = 10_000, refused: bool = False) -> float:
@@ -243,7 +302,6 @@ def bench_allowed(calls: int = 1_000_000, breakers: int = 10_000, refused: bool 
     else (the common case) none of its entities has a breaker. Loop overhead included.
     """
     from detector.breakers import make_change
-    from detector.events import Entity
 
     table = BreakerTable()
     t0 = time.time()
@@ -251,7 +309,7 @@ def bench_allowed(calls: int = 1_000_000, breakers: int = 10_000, refused: bool 
         table.apply(
             make_change(
                 Entity(type="session", id=f"s-{i}"),
-                owner="bench",
+                owner="search",
                 state=OPEN,
                 previous=None,
                 at=t0,

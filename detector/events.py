@@ -292,7 +292,10 @@ BreakerEntityType = Literal["team", "api_key", "agent", "session"]
 class BreakerChange(BaseModel):
     """One change of a circuit breaker: the value on the compacted breakers topic and the kill-switch webhook body.
 
-    The topic's key is ``<entity type>:<entity id>``, so the newest change per entity is its current state.
+    The topic's key is ``<entity type>:<entity id>`` for a team or an API key and
+    ``<entity type>:<owner>/<entity id>`` for an agent or a session (teams name those, so each
+    team's is its own breaker; ``%`` and ``/`` in the owner are written ``%25`` and ``%2F``): the
+    newest change per key is that breaker's current state.
     """
 
     model_config = ConfigDict(
@@ -303,7 +306,7 @@ class BreakerChange(BaseModel):
 
     change_id: str = Field(description="Unique per change; the webhook-id, so receivers can drop repeats.")
     entity: Entity = Field(description="What the breaker guards: a team, api_key, agent or session.")
-    owner: str = Field(description="Team that owns the entity.")
+    owner: str = Field(description="Team that owns the entity; an agent's or a session's breaker is this team's alone.")
     state: BreakerState = Field(description="State after this change.")
     previous_state: BreakerState
     version: int = Field(ge=1, description="Counts the changes of this entity's breaker; a higher one wins.")
@@ -335,6 +338,11 @@ class IncidentFeedback(BaseModel):
     incident_id: str
     kind: AlertKind
     entity: Entity
+    team: str | None = Field(
+        default=None,
+        description="The incident's team (alert owner): agents, users and sessions are per team. Labels "
+        "without it are matched to the incident's team by the alerter.",
+    )
     label: FeedbackLabel
     actor: str = Field(description="Who labelled it.")
     labelled_at: UtcDatetime

@@ -10,9 +10,10 @@ or, with nothing but the standard library (a minimal HTTP/1.1 server, for trying
 
 then::
 
-    curl -i -H 'x-session-id: s-1' localhost:8080/v1/chat/completions   # 200 from the toy app
-    detector breaker open session:s-1 --reason "looping agent" --ttl 10m
-    curl -i -H 'x-session-id: s-1' localhost:8080/v1/chat/completions   # 429 circuit_open, Retry-After
+    curl -i -H 'x-team: search' -H 'x-session-id: s-1' localhost:8080/v1/chat/completions  # 200 from the toy app
+    detector breaker open session:s-1 --owner search --reason "looping agent" --ttl 10m
+    curl -i -H 'x-team: search' -H 'x-session-id: s-1' localhost:8080/v1/chat/completions  # 429 circuit_open
+    curl -i -H 'x-team: ads' -H 'x-session-id: s-1' localhost:8080/v1/chat/completions     # 200: ads' own s-1
 
 Environment: ``STORMWATCH_BOOTSTRAP`` (host:port list, default ``localhost:9092``) and
 ``STORMWATCH_BREAKERS_TOPIC`` (default ``llm.breakers``). At startup the gateway waits up to

@@ -36,7 +36,7 @@ from pydantic import ValidationError
 
 from detector.alerting.dispatch import Dispatcher
 from detector.alerting.policy import Responder
-from detector.breakers import POLICY_ACTOR, entity_key
+from detector.breakers import POLICY_ACTOR, change_key
 from detector.enforce import BreakerFollower, BreakerTable
 from detector.events import Alert, BreakerChange, IncidentFeedback
 from detector.settings import Settings
@@ -134,7 +134,7 @@ class Alerter:
         self.adopted += 1
         self._changed = True
         if self.follower is not None and self.follower.ready.done() and change.actor != POLICY_ACTOR:
-            log.info("alerter: breaker %s %s by %s", entity_key(change.entity), change.state.value, change.actor)
+            log.info("alerter: breaker %s %s by %s", change_key(change), change.state.value, change.actor)
             self.dispatcher.relay(change)
 
     def _save(self) -> None:
@@ -146,10 +146,10 @@ class Alerter:
         assert self.producer is not None
         await self.producer.send_and_wait(
             self.settings.kafka.breakers_topic,
-            key=entity_key(change.entity).encode(),
+            key=change_key(change).encode(),
             value=change.model_dump_json().encode(),
         )
-        log.info("alerter: published breaker %s %s (%s)", entity_key(change.entity), change.state.value, change.reason)
+        log.info("alerter: published breaker %s %s (%s)", change_key(change), change.state.value, change.reason)
 
     async def start(self) -> None:
         k = self.settings.kafka

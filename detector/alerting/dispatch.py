@@ -22,7 +22,7 @@ from detector.alerting.outbox import Outbox
 from detector.alerting.policy import Decision, Responder
 from detector.alerting.slack import CHANNEL, SlackSender, header_for
 from detector.alerting.webhooks import WebhookEndpoint, WebhookSender
-from detector.breakers import entity_key, format_duration
+from detector.breakers import change_key, format_duration
 from detector.events import Alert, AlertStatus, BreakerChange, IncidentFeedback
 from detector.settings import Settings
 
@@ -35,7 +35,7 @@ def describe_change(change: BreakerChange) -> str:
     until = ""
     if change.expires_at is not None:
         until = f" for {format_duration((change.expires_at - change.changed_at).total_seconds())}"
-    return f"breaker {entity_key(change.entity)}: {change.previous_state.value} -> {change.state.value}{until}"
+    return f"breaker {change_key(change)}: {change.previous_state.value} -> {change.state.value}{until}"
 
 
 class Dispatcher:

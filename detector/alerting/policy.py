@@ -30,6 +30,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, m
 
 from detector.alerting.webhooks import WebhookTarget
 from detector.breakers import Breaker, BreakerBoard, format_duration, parse_duration
+from detector.detectors.base import SCOPED, SEP
 from detector.events import (
     Alert,
     AlertKind,
@@ -49,6 +50,11 @@ if TYPE_CHECKING:
 
 BREAKABLE = frozenset(get_args(BreakerEntityType))
 MAX_REMEMBERED_INCIDENTS = 100_000  # incidents whose ratio a later label can refer to
+
+
+def pattern_key(entity: Entity, team: str | None) -> str:
+    """What silences and tolerances are kept by: the entity, and its team for the kinds teams name."""
+    return f"{team}{SEP}{entity}" if entity.type in SCOPED else str(entity)
 
 
 def _seconds(value: float | str) -> float:
@@ -165,10 +171,11 @@ class Responder:
         self.teams = settings.teams
         b = settings.alerting.breakers
         self.board = BreakerBoard(ttl=min(900.0, b.max_ttl), max_ttl=b.max_ttl, probe_seconds=b.probe_seconds)
-        self.silences: dict[tuple[str, str], float] = {}  # (kind, entity key) -> until, epoch seconds
-        # (kind, entity key) -> (the ratio an alert must beat, until): widened by false_alarm labels
+        self.silences: dict[tuple[str, str], float] = {}  # (kind, pattern_key) -> until, epoch seconds
+        # (kind, pattern_key) -> (the ratio an alert must beat, until): widened by false_alarm labels
         self.tolerance: dict[tuple[str, str], tuple[float, float]] = {}
         self.ratios: OrderedDict[str, float] = OrderedDict()  # incident -> its highest ratio (bounded)
+        self.owners: OrderedDict[str, str] = OrderedDict()  # incident -> its entity's team (bounded)
         self.feedback_seen: OrderedDict[str, None] = OrderedDict()  # label ids taken (bounded, oldest out)
 
     def configure(self, settings: Settings) -> Responder:
@@ -179,6 +186,8 @@ class Responder:
         self.board.ttl = min(self.board.ttl, b.max_ttl)
         if isinstance(self.feedback_seen, set):  # pickled by an older version
             self.feedback_seen = OrderedDict.fromkeys(sorted(self.feedback_seen))
+        if not hasattr(self, "owners"):  # pickled before agents and sessions were kept per team
+            self.owners = OrderedDict()  # its silences of agents, users and sessions name no team: they lapse
         return self
 
     def route(self, owner: str) -> Route:
@@ -196,8 +205,8 @@ class Responder:
     def decide(self, alert: Alert, now: float) -> Decision:
         """The decision for one alert record at time ``now`` (epoch seconds)."""
         route = self.route(alert.owner)
-        pattern = (alert.kind.value, str(alert.entity))
-        self._remember_ratio(alert)
+        pattern = (alert.kind.value, pattern_key(alert.entity, alert.owner))
+        self._remember(alert)
         until = self.silences.get(pattern)
         if until is not None and now < until:
             return Decision(alert, route, "notify", action_text="Silenced by an owner's label.", silenced_until=until)
@@ -207,22 +216,24 @@ class Responder:
             return Decision(alert, route, "notify", action_text=text, silenced_until=bar[1])
         rule = self.rule_for(alert)
         if rule is None or rule.action == "notify" or alert.status is AlertStatus.RESOLVED:
-            return Decision(alert, route, "notify", action_text=self._status_text(alert.entity, now))
+            return Decision(alert, route, "notify", action_text=self._status_text(alert.entity, alert.owner, now))
         if alert.entity.type not in BREAKABLE:
             text = f"Notify only: a {alert.entity.type} has no breaker."
             return Decision(alert, route, "trip", action_text=text)
-        breaker = self.board.get(alert.entity)
+        # The breaker's owner is the alert's team, not the routing fallback: gateways match it to the
+        # request's team, and an agent's or a session's breaker is that team's alone.
+        breaker = self.board.get(alert.entity, alert.owner)
         changes: list[BreakerChange] = []
         if breaker is None or breaker.state is not BreakerState.OPEN:  # an open one is not stretched by updates
             changes = self.board.trip(
                 alert.entity,
                 now,
-                owner=route.team,
+                owner=alert.owner,
                 reason=alert.explanation.summary,
                 incident_id=alert.incident_id,
                 ttl=self._trip_ttl(rule, breaker),
             )
-        return Decision(alert, route, "trip", changes, self._status_text(alert.entity, now))
+        return Decision(alert, route, "trip", changes, self._status_text(alert.entity, alert.owner, now))
 
     def _trip_ttl(self, rule: Rule, breaker: Breaker | None) -> float | None:
         """The rule's TTL from closed; from half-open None: the board backs off from the last TTL.
@@ -236,8 +247,8 @@ class Responder:
             return min(rule.breaker_ttl * self.board.backoff, self.board.max_ttl)
         return None
 
-    def _status_text(self, entity: Entity, now: float) -> str:
-        breaker = self.board.get(entity)
+    def _status_text(self, entity: Entity, owner: str, now: float) -> str:
+        breaker = self.board.get(entity, owner)
         if breaker is None:
             return "Notify only: no breaker tripped."
         if breaker.state is BreakerState.CLOSED:
@@ -250,11 +261,16 @@ class Responder:
         left = format_duration(max(0.0, expires - now))
         return f"Breaker opened on {entity} until {utc_from_epoch(expires):%H:%M} UTC ({left} from now)."
 
-    def _remember_ratio(self, alert: Alert) -> None:
-        ratios = self.ratios
+    def _remember(self, alert: Alert) -> None:
+        """The incident's highest ratio (what a false-alarm label widens) and its team (labels may not say)."""
+        ratios, owners = self.ratios, self.owners
         ratios[alert.incident_id] = max(ratios.pop(alert.incident_id, 0.0), alert.evidence.ratio)
+        owners[alert.incident_id] = alert.owner
+        owners.move_to_end(alert.incident_id)
         if len(ratios) > MAX_REMEMBERED_INCIDENTS:
             ratios.popitem(last=False)
+        if len(owners) > MAX_REMEMBERED_INCIDENTS:
+            owners.popitem(last=False)
 
     def advance(self, now: float) -> list[BreakerChange]:
         """Breakers that expire or close by time, and silences and tolerances that end."""
@@ -276,15 +292,27 @@ class Responder:
         if feedback.label is FeedbackLabel.REAL:
             return []
         seconds = feedback.silence_seconds or self.alerting.silence_seconds
-        pattern = (feedback.kind.value, str(feedback.entity))
+        team = self._team_of(feedback)
+        pattern = (feedback.kind.value, pattern_key(feedback.entity, team))
         self.silences[pattern] = now + seconds
         ratio = self.ratios.get(feedback.incident_id)
         if feedback.label is FeedbackLabel.FALSE_ALARM and ratio is not None:
             a = self.alerting
             self.tolerance[pattern] = (ratio * a.tolerance_factor, now + a.tolerance_seconds)
-        breaker = self.board.get(feedback.entity)
+        breaker = self.board.get(feedback.entity, team) if team is not None else None
         if breaker is None or breaker.state is BreakerState.CLOSED or feedback.entity.type not in BREAKABLE:
             return []
         note = f": {feedback.note}" if feedback.note else ""
         reason = f"labelled {feedback.label.value} by {feedback.actor}{note}"
-        return self.board.close(feedback.entity, now, reason=reason, actor=feedback.actor)
+        return self.board.close(feedback.entity, now, owner=breaker.owner, reason=reason, actor=feedback.actor)
+
+    def _team_of(self, feedback: IncidentFeedback) -> str | None:
+        """The labelled entity's team: the label's own, else the incident's, else the only breaker's on it."""
+        if feedback.team is not None:
+            return feedback.team
+        if feedback.entity.type == "team":
+            return feedback.entity.id
+        team = self.owners.get(feedback.incident_id)
+        if team is None and len(owners := self.board.owners(feedback.entity)) == 1:
+            team = owners[0]
+        return team

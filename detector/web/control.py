@@ -4,7 +4,7 @@
   :class:`~detector.events.BreakerChange` records that made (none when nothing changed). The
   Kafka shell maps it onto its breaker board and the breakers topic, e.g.
   ``board.trip(entity, now, owner=..., reason=..., actor=..., incident_id=..., ttl=request.ttl_seconds)``
-  or ``board.close(entity, now, reason=..., actor=...)``, then publishes the changes. It raises
+  or ``board.close(entity, now, owner=..., reason=..., actor=...)``, then publishes the changes. It raises
   :class:`BreakerRefused` to say no (HTTP 409 with its message).
 * :class:`FeedbackSink`: ``await sink(feedback)`` records an owner's verdict on an incident.
 
@@ -41,7 +41,7 @@ class BreakerRequest:
     actor: str  # who asked ("dashboard" unless the request named someone)
     ttl_seconds: float | None = None  # open: None = the shell's policy TTL, math.inf = until closed by hand
     incident_id: str | None = None
-    owner: str | None = None  # owning team, as the view knows it (None: not seen yet)
+    owner: str | None = None  # owning team: the request's, else as the view knows it (None: an api_key not seen yet)
 
 
 class BreakerRefused(Exception):
@@ -84,7 +84,7 @@ class LocalBreakerControl:
     async def __call__(self, request: BreakerRequest) -> Sequence[BreakerChange]:
         self.requests.append(request)
         now = self.clock()
-        previous = self.view.breaker(request.entity)
+        previous = self.view.breaker(request.entity, request.owner or "")
         previous_state = previous.state if previous is not None else BreakerState.CLOSED
         if request.action == "close":
             if previous_state is BreakerState.CLOSED:

@@ -55,6 +55,7 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
+from detector.breakers import TEAM_SCOPED
 from detector.events import Entity, FeedbackLabel, IncidentFeedback
 from detector.web.control import DASHBOARD_ACTOR, BreakerControl, BreakerRefused, BreakerRequest, FeedbackSink
 from detector.web.metrics import Metrics
@@ -499,7 +500,7 @@ async def _change_breaker(request: web.Request) -> web.Response:
         breaker_request.actor,
         breaker_request.reason,
     )
-    current = cfg.view.breaker(breaker_request.entity)
+    current = cfg.view.breaker(breaker_request.entity, breaker_request.owner or "")
     return _json(
         {
             "changes": [c.model_dump(mode="json") for c in changes],
@@ -528,6 +529,15 @@ def _breaker_request(body: dict[str, Any], view: LiveView) -> BreakerRequest:
         if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 < raw <= MAX_TTL_SECONDS:
             raise ValueError(f"ttl_seconds must be a number of seconds in (0, {MAX_TTL_SECONDS:g}]")
         ttl = float(raw)
+    owner = body.get("owner")
+    if owner is None:
+        owner = view.owner(entity)  # the team of its newest event
+    elif not isinstance(owner, str) or not 0 < len(owner.strip()) <= 256:
+        raise ValueError("owner must be a team name")
+    else:
+        owner = owner.strip()
+    if owner is None and entity.type in TEAM_SCOPED:
+        raise ValueError(f"{entity}: whose? Each team has its own {entity.type}s; say owner (the team)")
     default_reason = "opened from the dashboard" if action == "open" else "closed from the dashboard"
     incident_id = body.get("incident_id")
     if incident_id is not None and (not isinstance(incident_id, str) or len(incident_id) > 256):
@@ -539,7 +549,7 @@ def _breaker_request(body: dict[str, Any], view: LiveView) -> BreakerRequest:
         actor=_text(body, "actor", _text(body, "by", DASHBOARD_ACTOR, 256), 256),
         ttl_seconds=ttl,
         incident_id=incident_id,
-        owner=view.owner(entity),
+        owner=owner,
     )
 
 
@@ -571,6 +581,7 @@ async def _feedback(request: web.Request) -> web.Response:
         incident_id=incident_id,
         kind=alert.kind,
         entity=alert.entity,
+        team=alert.owner,
         label=FeedbackLabel(label),
         actor=actor,
         labelled_at=datetime.now(UTC),

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, get_args
 
+from detector.breakers import change_key, entity_key
 from detector.events import (
     Alert,
     AlertStatus,
@@ -273,7 +274,7 @@ class LiveView:
 
     def observe_breaker(self, change: BreakerChange) -> None:
         """One breaker change; an older or equal ``version`` than the one shown is ignored."""
-        key = str(change.entity)
+        key = change_key(change)
         with self._lock:
             current = self._breakers.get(key)
             if current is not None and change.version <= current.version:
@@ -383,9 +384,10 @@ class LiveView:
         with self._lock:
             return self._breaker_list()
 
-    def breaker(self, entity: Entity | str) -> BreakerChange | None:
+    def breaker(self, entity: Entity, owner: str) -> BreakerChange | None:
+        """The newest change of the breaker on ``entity`` (an agent's or a session's: of team ``owner``)."""
         with self._lock:
-            return self._breakers.get(str(entity))
+            return self._breakers.get(entity_key(entity, owner))
 
     def breaker_counts(self) -> dict[tuple[str, str], int]:
         """(entity type, state) -> how many breakers are in it."""
@@ -432,7 +434,9 @@ class LiveView:
             incidents = [
                 self._incident_json(inc) for inc in self._incidents.values() if _involves(inc.latest, type_, id_)
             ]
-            breaker = self._breakers.get(entity)
+            # An agent or a session has a breaker per team that named it (see detector.breakers).
+            breakers = [b for b in self._breakers.values() if b.entity.type == type_ and b.entity.id == id_]
+            breaker = breakers[0] if breakers else None
             if stats is None and not incidents and breaker is None:
                 return None
             out: dict[str, Any] = {"entity": entity, "type": type_, "id": id_}
@@ -463,7 +467,9 @@ class LiveView:
             elif type_ == "team":
                 out["spend_series"] = self._spend_series(self.limits.top_window_seconds, _MINUTE, only=id_)
             out["incidents"] = incidents
+            breaker = next((b for b in breakers if b.owner == out["owner"]), breaker)
             out["breaker"] = _breaker_json(breaker) if breaker is not None else None
+            out["breakers"] = [_breaker_json(b) for b in breakers]
             return out
 
     # -- internals (the lock is held) ---------------------------------------------------------
@@ -722,6 +728,7 @@ def _involves(alert: Alert, type_: str, id_: str) -> bool:
 
 def _breaker_json(b: BreakerChange) -> dict[str, Any]:
     return {
+        "key": change_key(b),
         "entity": str(b.entity),
         "entity_type": b.entity.type,
         "entity_id": b.entity.id,

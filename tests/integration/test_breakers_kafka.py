@@ -23,7 +23,8 @@ from tests.integration.kafka_tools import read_all, topic_configs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-KEY = "session:s-bad"
+ENTITY = "session:s-bad"
+KEY = "session:search/s-bad"  # its key on the topic: a session is its team's
 
 
 async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -90,7 +91,17 @@ def test_cli_opens_a_session_breaker_the_gateway_refuses_it_and_closing_lets_it_
             assert (await request(app, "s-bad"))[0] == 200
             start = time.monotonic()
             opened = await asyncio.to_thread(
-                cli, "open", KEY, "--reason", "agent loop in s-bad", "--ttl", "30m", "--by", "ana"
+                cli,
+                "open",
+                ENTITY,
+                "--owner",
+                "search",
+                "--reason",
+                "agent loop in s-bad",
+                "--ttl",
+                "30m",
+                "--by",
+                "ana",
             )
             assert opened == 0
             await follower.wait_until(state_is(BreakerState.OPEN), timeout=15)
@@ -101,7 +112,7 @@ def test_cli_opens_a_session_breaker_the_gateway_refuses_it_and_closing_lets_it_
             status, headers, body = await request(app, "s-bad")
             assert status == 429, body
             refusal = json.loads(body)
-            assert refusal["error"] == "circuit_open" and refusal["entity"] == KEY
+            assert refusal["error"] == "circuit_open" and refusal["entity"] == ENTITY
             assert refusal["reason"] == "agent loop in s-bad" and refusal["incident_id"] is None
             assert 1790 <= refusal["retry_after"] <= 1800
             assert headers[b"retry-after"] == str(refusal["retry_after"]).encode()
@@ -110,7 +121,7 @@ def test_cli_opens_a_session_breaker_the_gateway_refuses_it_and_closing_lets_it_
             capsys.readouterr()
             assert await asyncio.to_thread(cli, "list") == 0
             listed = capsys.readouterr().out
-            assert KEY in listed and "open" in listed and "agent loop in s-bad" in listed and "ana" in listed
+            assert ENTITY in listed and "open" in listed and "agent loop in s-bad" in listed and "ana" in listed
 
             # close through a config file this time (no STORMWATCH_KAFKA__* in the way)
             config = tmp_path / "stormwatch.toml"
@@ -122,7 +133,7 @@ def test_cli_opens_a_session_breaker_the_gateway_refuses_it_and_closing_lets_it_
                     env.delenv(f"STORMWATCH_KAFKA__{name}")
                 start = time.monotonic()
                 closed = await asyncio.to_thread(
-                    cli, "close", KEY, "--reason", "agent fixed", "--by", "bob", "--config", str(config)
+                    cli, "close", ENTITY, "--reason", "agent fixed", "--by", "bob", "--config", str(config)
                 )
                 assert closed == 0
                 await follower.wait_until(state_is(BreakerState.CLOSED), timeout=15)
@@ -131,11 +142,11 @@ def test_cli_opens_a_session_breaker_the_gateway_refuses_it_and_closing_lets_it_
 
             capsys.readouterr()
             assert await asyncio.to_thread(cli, "list") == 0
-            assert KEY not in capsys.readouterr().out
+            assert ENTITY not in capsys.readouterr().out
             assert await asyncio.to_thread(cli, "list", "--all") == 0
             listed = capsys.readouterr().out
-            assert KEY in listed and "closed" in listed and "agent fixed" in listed
-            assert await asyncio.to_thread(cli, "close", KEY, "--reason", "again", "--by", "bob") == 0  # no-op
+            assert ENTITY in listed and "closed" in listed and "agent fixed" in listed
+            assert await asyncio.to_thread(cli, "close", ENTITY, "--reason", "again", "--by", "bob") == 0  # no-op
         finally:
             await follower.stop()
         return took
@@ -166,8 +177,8 @@ def test_cli_opens_a_session_breaker_the_gateway_refuses_it_and_closing_lets_it_
 
 def test_a_follower_started_later_catches_up_before_ready(kafka_bootstrap: str, breakers_topic: str) -> None:
     assert cli("open", "api_key:k-9", "--reason", "runaway batch", "--ttl", "none", "--by", "ana") == 0
-    assert cli("open", KEY, "--reason", "loop", "--by", "ana") == 0
-    assert cli("close", KEY, "--reason", "fixed", "--by", "bob") == 0
+    assert cli("open", ENTITY, "--owner", "search", "--reason", "loop", "--by", "ana") == 0
+    assert cli("close", ENTITY, "--reason", "fixed", "--by", "bob") == 0
 
     async def scenario() -> BreakerTable:
         table = BreakerTable()
@@ -186,4 +197,4 @@ def test_a_follower_started_later_catches_up_before_ready(kafka_bootstrap: str, 
 
 def test_the_cli_fails_cleanly_without_a_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STORMWATCH_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1")
-    assert cli("open", KEY, "--reason", "loop") == 1
+    assert cli("open", ENTITY, "--owner", "search", "--reason", "loop") == 1

@@ -194,14 +194,15 @@ def test_a_live_alert_arrives_and_its_breaker_button_works(browser: WebDriver, d
     row = wait_for_breaker(wait, entity, "open")
     assert "open" in row.find_element(By.CSS_SELECTOR, '[data-testid="breaker-state"]').text.lower()
     request = dashboard.control.requests[-1]
-    assert (str(request.entity), request.action, request.incident_id, request.actor) == (
+    assert (str(request.entity), request.action, request.incident_id, request.actor, request.owner) == (
         entity,
         "open",
         "live-storm",
         "dashboard",
+        storm.team,  # the incident's team: whose breaker it is
     )
     assert request.reason.startswith("Retry storm:")
-    assert view.breaker(entity).state.value == "open"  # type: ignore[union-attr]
+    assert view.breaker(request.entity, storm.team).state.value == "open"  # type: ignore[union-attr]
     wait.until(ec.text_to_be_present_in_element((By.ID, "kpi-breakers"), "1"))
     wait.until(
         ec.presence_of_element_located((By.CSS_SELECTOR, f'{card_selector} button[data-action="close-breaker"]'))
@@ -211,7 +212,7 @@ def test_a_live_alert_arrives_and_its_breaker_button_works(browser: WebDriver, d
     row.find_element(By.CSS_SELECTOR, 'button[data-action="close-breaker"]').click()
     wait_for_breaker(wait, entity, "closed")
     assert dashboard.control.requests[-1].action == "close"
-    assert view.breaker(entity).state.value == "closed"  # type: ignore[union-attr]
+    assert view.breaker(request.entity, storm.team).state.value == "closed"  # type: ignore[union-attr]
     wait.until(ec.text_to_be_present_in_element((By.ID, "kpi-breakers"), "0"))
     assert (
         severe_console_errors(

@@ -87,7 +87,7 @@ def test_a_loop_trips_its_session_breaker_and_the_gateway_refuses_only_that_sess
                 )
                 await publish_feedback(settings, label)
                 await follower.wait_until(lambda t: t.allowed(api_key="k-1", session="s-loop"), timeout=30)
-                closed = table.get("session:s-loop")
+                closed = table.get("session:search/s-loop")
                 assert closed is not None and closed.actor == "ana" and "false_alarm" in closed.reason
         finally:
             stop.set()

@@ -24,7 +24,7 @@ from detector.alerting.outbox import Outbox
 from detector.alerting.policy import Responder
 from detector.alerting.slack import header_for
 from detector.alerting.webhooks import generate_secret, verify
-from detector.breakers import entity_key, format_duration
+from detector.breakers import change_key, entity_key, format_duration
 from detector.cli import main
 from detector.events import Alert, BreakerChange, BreakerState
 from detector.settings import load_settings
@@ -196,15 +196,15 @@ def check_webhooks(gateway: HttpRecorder, secret: str, alerts: list[Alert], expe
 
     by_entity: dict[str, list[BreakerChange]] = defaultdict(list)
     for c in changes:
-        by_entity[entity_key(c.entity)].append(c)
+        by_entity[change_key(c)].append(c)
     firing = {a.incident_id: a for a in alerts if a.status.value == "firing"}
-    tripped = {entity_key(a.entity) for a in firing.values() if a.kind.value in TRIP_TTL}
+    tripped = {entity_key(a.entity, a.owner) for a in firing.values() if a.kind.value in TRIP_TTL}
     assert set(by_entity) == tripped and len(tripped) == 2
     for key, seq in by_entity.items():
         first = seq[0]
         assert (first.previous_state, first.state) == (BreakerState.CLOSED, BreakerState.OPEN), key
         cause = firing[first.incident_id or ""]
-        assert entity_key(cause.entity) == key and first.owner == cause.owner
+        assert entity_key(cause.entity, cause.owner) == key and first.owner == cause.owner
         assert first.changed_at == cause.detected_at
         assert first.expires_at is not None
         assert (first.expires_at - first.changed_at).total_seconds() == TRIP_TTL[cause.kind.value]
@@ -234,7 +234,7 @@ def test_replay_dry_run_prints_what_it_would_send_and_sends_nothing(
                 if change.expires_at is not None:
                     until = f" for {format_duration((change.expires_at - change.changed_at).total_seconds())}"
                 line = (
-                    f"would publish breaker {entity_key(change.entity)}: {change.previous_state.value} -> "
+                    f"would publish breaker {change_key(change)}: {change.previous_state.value} -> "
                     f"{change.state.value}{until}; webhooks: gateway ({url})"
                 )
                 assert err.count(line) == 1, (line, err)

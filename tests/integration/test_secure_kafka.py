@@ -118,10 +118,22 @@ def test_the_breaker_cli_and_a_gateway_follower_on_sasl_ssl_with_plain(
     async def scenario() -> None:
         await follower.start()
         try:
-            args = ["breaker", "open", "session:s-9", "--reason", "loop", "--ttl", "10m", "--by", "ana"]
+            args = [
+                "breaker",
+                "open",
+                "session:s-9",
+                "--owner",
+                "search",
+                "--reason",
+                "loop",
+                "--ttl",
+                "10m",
+                "--by",
+                "ana",
+            ]
             assert await asyncio.to_thread(cli_main, args) == 0
             await follower.wait_until(
-                lambda t: (c := t.get("session:s-9")) is not None and c.state is BreakerState.OPEN, timeout=30
+                lambda t: (c := t.get("session:search/s-9")) is not None and c.state is BreakerState.OPEN, timeout=30
             )
         finally:
             await follower.stop()

@@ -209,12 +209,29 @@ def test_breaker_changes_need_the_token(api: Api) -> None:
     status, result, _ = api.call("POST", "/api/breakers", closing, token=TOKEN)
     assert status == 200 and result["breaker"]["state"] == "closed" and result["changes"][0]["actor"] == "ann"
     assert (
-        api.call("POST", "/api/breakers", {"entity": "agent:bot", "action": "open", "until_closed": True}, token=TOKEN)[
-            1
-        ]["breaker"]["expires_at"]
+        api.call(
+            "POST",
+            "/api/breakers",
+            {"entity": "agent:bot", "action": "open", "until_closed": True, "owner": "ads"},
+            token=TOKEN,
+        )[1]["breaker"]["expires_at"]
         is None
     )
     assert api.control.requests[-1].ttl_seconds == float("inf")
+
+
+def test_an_agents_breaker_is_opened_and_closed_for_one_team(api: Api) -> None:
+    for team in ("search", "ads"):
+        body = {"entity": "agent:assistant", "action": "open", "owner": team, "reason": "loop"}
+        status, result, _ = api.call("POST", "/api/breakers", body, token=TOKEN)
+        assert status == 200 and (result["breaker"]["owner"], result["breaker"]["state"]) == (team, "open")
+    closing = {"entity": "agent:assistant", "action": "close", "owner": "ads"}
+    assert api.call("POST", "/api/breakers", closing, token=TOKEN)[1]["breaker"]["state"] == "closed"
+    breakers = api.call("GET", "/api/breakers")[1]["breakers"]
+    assert sorted((b["key"], b["state"]) for b in breakers if b["entity"] == "agent:assistant") == [
+        ("agent:ads/assistant", "closed"),
+        ("agent:search/assistant", "open"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -228,6 +245,9 @@ def test_breaker_changes_need_the_token(api: Api) -> None:
         ({"entity": "api_key:k1", "action": "open", "ttl_seconds": "1h"}, 400),
         ({"entity": "api_key:k1", "action": "open", "reason": "x" * 600}, 400),
         ({"entity": "api_key:protected", "action": "open"}, 409),
+        ({"entity": "agent:never-seen", "action": "open"}, 400),  # whose? teams name their agents
+        ({"entity": "agent:bot", "action": "open", "owner": 5}, 400),
+        ({"entity": "agent:bot", "action": "open", "owner": " "}, 400),
         ([1, 2, 3], 400),
     ],
 )

@@ -158,7 +158,7 @@ def test_the_first_matching_rule_wins_by_kind_and_minimum_severity() -> None:
     warning = r.decide(make_alert(severity="warning"), T0)
     assert (warning.action, warning.changes) == ("notify", [])
     assert warning.action_text == "Notify only: no breaker tripped."
-    assert r.board.get(K1) is None
+    assert r.board.get(K1, "search") is None
     info = r.decide(make_alert(severity="info", incident="inc-2"), T0)
     assert (info.action, info.changes) == ("notify", [])  # no rule: notify
 
@@ -188,12 +188,12 @@ def test_a_trip_rule_opens_the_breaker_once_and_updates_do_not_change_it(etype: 
     update = r.decide(make_alert(entity=entity, status="updated", sequence=1, at=T0 + 60), T0 + 60)
     assert update.action == "trip" and update.changes == []  # still open: not re-opened, not stretched
     assert update.action_text == f"Breaker opened on {entity} until 08:15 UTC (14m from now)."
-    breaker = r.board.get(entity)
+    breaker = r.board.get(entity, "search")
     assert breaker is not None and breaker.state is OPEN and breaker.expires_at == T0 + 900
 
     resolved = r.decide(make_alert(entity=entity, status="resolved", sequence=2, at=T0 + 120), T0 + 120)
     assert resolved.action == "notify" and resolved.changes == []
-    assert r.board.get(entity).state is OPEN  # type: ignore[union-attr]
+    assert r.board.get(entity, "search").state is OPEN  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("etype", ["user", "model"])
@@ -209,7 +209,7 @@ def test_a_resolved_record_never_trips() -> None:
     r = Responder(settings())
     d = r.decide(make_alert(status="resolved", sequence=3), T0)
     assert (d.action, d.changes, d.action_text) == ("notify", [], "Notify only: no breaker tripped.")
-    assert r.board.get(K1) is None
+    assert r.board.get(K1, "search") is None
 
 
 def test_breakers_move_open_half_open_closed_in_event_time() -> None:
@@ -256,12 +256,12 @@ def test_a_false_alarm_or_planned_label_closes_the_breaker_and_silences_the_patt
     assert states([closed]) == [("open", "closed")]
     assert closed.actor == "ana@search" and closed.changed_at.timestamp() == T0 + 120
     assert closed.reason == f"labelled {label} by ana@search: load test"
-    assert r.board.get(K1).state is CLOSED  # type: ignore[union-attr]
+    assert r.board.get(K1, "search").state is CLOSED  # type: ignore[union-attr]
 
     # The same kind on the same entity: silenced for silence_seconds (3600), no breaker reopened.
     again = r.decide(make_alert(incident="inc-2", at=T0 + 600), T0 + 600)
     assert again.silenced and again.silenced_until == T0 + 120 + 3600
-    assert again.changes == [] and r.board.get(K1).state is CLOSED  # type: ignore[union-attr]
+    assert again.changes == [] and r.board.get(K1, "search").state is CLOSED  # type: ignore[union-attr]
     # Another kind on that entity, or the same kind elsewhere: not silenced.
     other_kind = r.decide(make_alert(kind="agent_loop", incident="inc-3", at=T0 + 600), T0 + 600)
     assert not other_kind.silenced and states(other_kind.changes) == [("closed", "open")]
@@ -295,15 +295,37 @@ def test_feedback_with_its_own_silence_and_on_a_closed_breaker() -> None:
     assert not r.decide(make_alert(incident="inc-2", at=T0 + 61), T0 + 61).silenced
 
 
+@pytest.mark.parametrize("with_team", [True, False])
+def test_an_agents_breaker_and_silence_are_its_teams_alone(with_team: bool) -> None:
+    """Two teams each run an agent named "assistant": one's loop, label or silence is not the other's."""
+    r = Responder(settings())
+    assistant = Entity(type="agent", id="assistant")
+    (s_open,) = r.decide(make_alert(kind="agent_loop", entity=assistant, owner="search"), T0).changes
+    (a_open,) = r.decide(make_alert(kind="agent_loop", entity=assistant, owner="ads", incident="inc-2"), T0).changes
+    assert (s_open.owner, a_open.owner) == ("search", "ads") and s_open.change_id != a_open.change_id
+    # search labels its incident a false alarm; a label from before labels carried a team has none.
+    label = feedback("false_alarm", entity=assistant, kind="agent_loop", **({"team": "search"} if with_team else {}))
+    (closed,) = r.apply_feedback(label, T0 + 120)
+    assert closed.owner == "search" and states([closed]) == [("open", "closed")]
+    assert r.board.get(assistant, "ads").state is OPEN  # type: ignore[union-attr]
+    again = {
+        team: r.decide(
+            make_alert(kind="agent_loop", entity=assistant, owner=team, incident=f"n-{team}", at=T0 + 600), T0 + 600
+        )
+        for team in ("search", "ads")
+    }
+    assert again["search"].silenced and not again["ads"].silenced
+
+
 def test_a_real_label_changes_nothing() -> None:
     r = Responder(settings())
     r.decide(make_alert(), T0)
     assert r.apply_feedback(feedback("real"), T0 + 120) == []
     assert r.silences == {}
-    assert r.board.get(K1).state is OPEN  # type: ignore[union-attr]
+    assert r.board.get(K1, "search").state is OPEN  # type: ignore[union-attr]
     assert not r.decide(make_alert(status="updated", sequence=1, at=T0 + 180), T0 + 180).silenced
     assert r.apply_feedback(feedback("false_alarm"), T0 + 200) == []  # the same feedback_id: already seen
-    assert r.board.get(K1).state is OPEN  # type: ignore[union-attr]
+    assert r.board.get(K1, "search").state is OPEN  # type: ignore[union-attr]
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -520,7 +542,7 @@ def test_a_dry_run_prints_the_slack_post_and_the_breaker_change_and_stores_nothi
         await d.handle(unknown, T0 + 60)  # routed to platform: both its webhooks
         assert lines[0].startswith("would post to Slack C-PLATFORM: 🔴 FIRING · Agent loop · agent:a-1 | ")
         assert lines[1] == (
-            "would publish breaker agent:a-1: closed -> open for 30m; webhooks: "
+            "would publish breaker agent:nobody/a-1: closed -> open for 30m; webhooks: "
             "gw (http://127.0.0.1:9/breakers), audit (http://127.0.0.1:9/audit)"
         )
 
@@ -599,7 +621,7 @@ def test_a_dispatcher_publishes_breaker_changes_and_stores_each_delivery_once(tm
     assert [(str(c.entity), c.owner, c.changed_at.timestamp()) for c in published] == [
         ("api_key:k1", "search", T0),
         ("api_key:k1", "search", T0 + 900),
-        ("session:s-9", "platform", T0 + 1000),
+        ("session:s-9", "ghosts", T0 + 1000),  # the alert's team, though platform is paged
     ]
     k1_open, k1_half, s9_open = (c.change_id for c in published)
     # Slack: only the oldest record of each incident is due (one thread, in order); webhooks: per team's receivers.

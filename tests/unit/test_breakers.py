@@ -82,7 +82,7 @@ def test_a_trip_while_half_open_reopens_with_a_longer_ttl_up_to_the_cap() -> Non
 
 
 def _expiry(b: BreakerBoard) -> float:
-    breaker = b.get(S1)
+    breaker = b.get(S1, "search")
     assert breaker is not None and breaker.expires_at is not None
     return breaker.expires_at
 
@@ -108,13 +108,13 @@ def test_a_policy_trip_while_open_changes_nothing_but_a_given_ttl_reopens() -> N
 def test_close_by_hand_from_open_and_half_open_and_not_when_closed() -> None:
     b = board()
     b.trip(S1, T0, owner="search", reason="loop")
-    (c,) = b.close(S1, T0 + 30, reason="fixed the agent", actor="ana")
+    (c,) = b.close(S1, T0 + 30, owner="search", reason="fixed the agent", actor="ana")
     assert states([c]) == [("open", "closed")] and c.actor == "ana" and c.reason == "fixed the agent"
-    assert b.close(S1, T0 + 40, reason="again", actor="ana") == []
-    assert b.close(K1, T0 + 40, reason="never opened", actor="ana") == []
+    assert b.close(S1, T0 + 40, owner="search", reason="again", actor="ana") == []
+    assert b.close(K1, T0 + 40, owner="search", reason="never opened", actor="ana") == []
 
     b.trip(K1, T0, owner="search", reason="storm")
-    changes = b.close(K1, T0 + 650, reason="done", actor="bob")  # half-open by then
+    changes = b.close(K1, T0 + 650, owner="search", reason="done", actor="bob")  # half-open by then
     assert states(changes) == [("open", "half_open"), ("half_open", "closed")]
 
 
@@ -122,14 +122,14 @@ def test_closing_resets_the_backoff() -> None:
     b = board()
     b.trip(S1, T0, owner="search", reason="loop")
     b.trip(S1, T0 + 700, owner="search", reason="again")  # 1200 s now
-    b.close(S1, T0 + 800, reason="fixed", actor="ana")
+    b.close(S1, T0 + 800, owner="search", reason="fixed", actor="ana")
     (c,) = b.trip(S1, T0 + 900, owner="search", reason="new loop")
     assert seconds(c) == 600
 
 
 def test_versions_rise_per_entity_even_within_one_second() -> None:
     b = board()
-    changes = b.trip(S1, T0, owner="s", reason="a") + b.close(S1, T0, reason="b", actor="x")
+    changes = b.trip(S1, T0, owner="s", reason="a") + b.close(S1, T0, owner="s", reason="b", actor="x")
     changes += b.trip(S1, T0 + 0.5, owner="s", reason="c") + b.trip(K1, T0 + 0.5, owner="s", reason="d")
     versions = [c.version for c in changes if c.entity == S1]
     assert versions == [int(T0), int(T0) + 1, int(T0) + 2]
@@ -141,7 +141,7 @@ def _script(b: BreakerBoard) -> list[BreakerChange]:
     out += b.trip(K1, T0 + 5, owner="search", reason="storm")
     out += b.advance(T0 + 620)
     out += b.trip(S1, T0 + 650, owner="search", reason="loop again")
-    out += b.close(K1, T0 + 700, reason="fixed", actor="ana")
+    out += b.close(K1, T0 + 700, owner="search", reason="fixed", actor="ana")
     out += b.advance(T0 + 5000)
     return out
 
@@ -168,12 +168,12 @@ def test_a_pickled_board_goes_on_exactly_like_the_original() -> None:
 
 def test_closed_breakers_are_forgotten_and_a_new_one_still_gets_a_higher_version() -> None:
     b = board(forget_after=3600.0)
-    old = b.trip(S1, T0, owner="search", reason="loop") + b.close(S1, T0 + 10, reason="ok", actor="ana")
+    old = b.trip(S1, T0, owner="search", reason="loop") + b.close(S1, T0 + 10, owner="search", reason="ok", actor="ana")
     assert len(b) == 1
     b.advance(T0 + 3000)
     assert len(b) == 1
     b.advance(T0 + 3611)
-    assert len(b) == 0 and b.get(S1) is None
+    assert len(b) == 0 and b.get(S1, "search") is None
     (new,) = b.trip(S1, T0 + 4000, owner="search", reason="loop")
     assert new.version > max(c.version for c in old)
 
@@ -184,7 +184,7 @@ def test_memory_is_bounded_by_max_closed_and_open_breakers_are_kept() -> None:
         e = Entity(type="session", id=f"s-{i}")
         b.trip(e, T0 + i, owner="search", reason="loop", ttl=math.inf)
         if i >= 10:
-            b.close(e, T0 + i, reason="ok", actor="ana")
+            b.close(e, T0 + i, owner="search", reason="ok", actor="ana")
     assert len(b) == 60
     assert {x.entity.id for x in b.active()} == {f"s-{i}" for i in range(10)}
     b.advance(T0 + 10**7)  # long past forget_after: closed ones go, open ones stay
@@ -206,7 +206,7 @@ def test_apply_adopts_newer_changes_from_elsewhere_and_keeps_counting_above_them
     stale = make_change(S1, owner="search", state=OPEN, previous=None, at=T0 - 100, reason="old", actor="ana")
     assert b.apply(stale) is False
     assert b.apply(manual) is True and b.apply(manual) is False
-    breaker = b.get(S1)
+    breaker = b.get(S1, "search")
     assert breaker is not None and breaker.state is CLOSED and breaker.version == manual.version
     (c,) = b.trip(S1, T0 + 100, owner="search", reason="again")
     assert c.previous_state is CLOSED and c.version == manual.version + 1
@@ -227,3 +227,35 @@ def test_parse_entity_and_duration() -> None:
     for bad in ("0", "-5", "10x", "m", "30m10"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+def test_an_agent_has_a_breaker_per_team_and_a_team_or_api_key_one_in_all() -> None:
+    b = board()
+    agent = Entity(type="agent", id="assistant")
+    (search,) = b.trip(agent, T0, owner="search", reason="loop")
+    (ads,) = b.trip(agent, T0 + 1, owner="ads", reason="loop")
+    assert search.change_id != ads.change_id and len(b) == 2
+    assert sorted(b.owners(agent)) == ["ads", "search"]
+    (closed,) = b.close(agent, T0 + 2, owner="ads", reason="fixed", actor="ana")
+    assert closed.owner == "ads"
+    assert b.get(agent, "search").state is OPEN and b.get(agent, "ads").state is CLOSED  # type: ignore[union-attr]
+    b.trip(K1, T0, owner="search", reason="storm")
+    assert b.get(K1, "anyone") is b.get(K1, "search") and b.owners(K1) == ["search"]
+
+
+def test_a_board_pickled_before_agents_were_per_team_is_keyed_again() -> None:
+    b = board()
+    b.trip(S1, T0, owner="search", reason="loop")
+    b.trip(K1, T0, owner="search", reason="storm")
+    b.trip(Entity(type="session", id="s-2"), T0, owner="ads", reason="loop")
+    b.close(Entity(type="session", id="s-2"), T0 + 1, owner="ads", reason="ok", actor="ana")
+    legacy = {k: str(br.entity) for k, br in b._breakers.items()}  # the older version's keys: "<type>:<id>"
+    for name in ("_breakers", "_active", "_closed"):
+        keyed = b.__dict__[name]
+        b.__dict__[name] = type(keyed)((legacy[k], v) for k, v in keyed.items())
+    assert "session:s-1" in b._breakers
+    restored: BreakerBoard = pickle.loads(pickle.dumps(b))
+    assert restored.get(S1, "search") is not None and restored.get(K1, "x") is not None
+    (closed,) = restored.close(S1, T0 + 5, owner="search", reason="fixed", actor="ana")
+    assert closed.state is CLOSED
+    assert {c.entity for c in restored.advance(T0 + 10_000)} == {K1}  # s-1, closed by hand, stays closed

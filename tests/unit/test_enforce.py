@@ -28,11 +28,12 @@ def change(
     ttl: float | None = 600.0,
     reason: str = "runaway",
     incident_id: str | None = "inc-1",
+    owner: str = "search",
 ) -> BreakerChange:
     kind, _, ident = key.partition(":")
     c = make_change(
         Entity.model_validate({"type": kind, "id": ident}),
-        owner="search",
+        owner=ident if kind == "team" else owner,
         state=state,
         previous=None,
         at=at,
@@ -64,7 +65,7 @@ def test_a_higher_version_wins_and_repeats_or_older_ones_are_ignored() -> None:
 def test_an_open_breaker_refuses_its_entity_only(kind: str) -> None:
     table = BreakerTable()
     table.apply(change(f"{kind}:x", OPEN))
-    ids = {"team": "t", "api_key": "k", "agent": "a", "session": "s"}
+    ids = {"team": "search", "api_key": "k", "agent": "a", "session": "s"}
     assert table.allowed(**ids, now=T0 + 1)
     assert not table.allowed(**{**ids, kind: "x"}, now=T0 + 1)
     assert not table.allowed(**{kind: "x"}, now=T0 + 1)
@@ -73,6 +74,35 @@ def test_an_open_breaker_refuses_its_entity_only(kind: str) -> None:
         assert table.allowed(**{other: "x"}, now=T0 + 1)
     refusing = table.why(**{kind: "x"}, now=T0 + 1)
     assert refusing is not None and refusing.entity.type == kind
+    assert len(table) == 1
+
+
+@pytest.mark.parametrize("kind", ["agent", "session"])
+def test_an_agent_or_session_breaker_refuses_its_own_team_only(kind: str) -> None:
+    """Teams name their agents and sessions: "assistant" of search looping must not stop ads' "assistant"."""
+    table = BreakerTable()
+    table.apply(change(f"{kind}:assistant", OPEN, owner="search"))
+    assert not table.allowed(**{kind: "assistant", "team": "search"}, now=T0 + 1)
+    assert table.allowed(**{kind: "assistant", "team": "ads"}, now=T0 + 1)
+    assert not table.allowed(**{kind: "assistant"}, now=T0 + 1)  # a request that names no team: refused
+    # ads' own breaker on the same name is another breaker: its close leaves search's open.
+    table.apply(change(f"{kind}:assistant", OPEN, owner="ads", version=int(T0) + 5))
+    table.apply(change(f"{kind}:assistant", CLOSED, owner="ads", at=T0 + 2, version=int(T0) + 6))
+    assert table.allowed(**{kind: "assistant", "team": "ads"}, now=T0 + 3)
+    assert not table.allowed(**{kind: "assistant", "team": "search"}, now=T0 + 3)
+    assert table.get(f"{kind}:search/assistant") is not None and table.get(f"{kind}:ads/assistant") is not None
+    assert len(table) == 1 and {c.owner for c in table.find(Entity(type=kind, id="assistant"))} == {"search", "ads"}
+    table.forget(f"{kind}:search/assistant")
+    assert table.allowed(**{kind: "assistant"}, now=T0 + 3) and len(table) == 0
+
+
+def test_a_tombstone_of_a_key_from_before_teams_drops_that_id_of_every_team() -> None:
+    table = BreakerTable()
+    for team in ("search", "ads"):
+        table.apply(change("agent:a", OPEN, owner=team))
+    table.apply(change("agent:b", OPEN, owner="ads"))
+    table.forget("agent:a")  # written as "agent:<id>" by an older alerter
+    assert table.allowed(agent="a", now=T0 + 1) and not table.allowed(agent="b", team="ads", now=T0 + 1)
     assert len(table) == 1
 
 
@@ -105,13 +135,13 @@ def test_half_open_lets_a_probe_through_at_once_and_closed_lets_everything() -> 
 @pytest.mark.parametrize(("probing", "refusing"), [("session", "api_key"), ("team", "agent"), ("api_key", "team")])
 def test_a_probe_is_not_spent_when_another_breaker_refuses_the_request(probing: str, refusing: str) -> None:
     table = BreakerTable(probe_interval=30)
-    table.apply(change(f"{probing}:x", HALF_OPEN, ttl=None))
-    table.apply(change(f"{refusing}:y", OPEN, ttl=math.inf))
+    table.apply(change(f"{probing}:x", HALF_OPEN, ttl=None, owner="x"))
+    table.apply(change(f"{refusing}:y", OPEN, ttl=math.inf, owner="x"))
     ids = {probing: "x", refusing: "y"}
     why = table.why(**ids, now=T0 + 1)
     assert why is not None and why.entity.type == refusing
     assert not table.allowed(**ids, now=T0 + 1)
-    table.apply(change(f"{refusing}:y", CLOSED, at=T0 + 2))
+    table.apply(change(f"{refusing}:y", CLOSED, at=T0 + 2, owner="x"))
     assert table.allowed(**ids, now=T0 + 3)  # the probe is still there
     assert not table.allowed(**ids, now=T0 + 4)
 
@@ -273,12 +303,12 @@ def test_follower_applies_changes_skips_bad_records_and_forgets_on_tombstones() 
     follower = BreakerFollower(table, "kafka://127.0.0.1:1, 127.0.0.1:2")
     assert follower.bootstrap_servers == ["127.0.0.1:1", "127.0.0.1:2"]
     c = change("session:s", OPEN)
-    follower._apply(Record(b"session:s", c.model_dump_json().encode()))
-    follower._apply(Record(b"session:x", b'{"not": "a change"}'))
-    follower._apply(Record(b"session:y", b"\xff garbage"))
-    assert table.get("session:s") == c and follower.rejected == 2
-    follower._apply(Record(b"session:s", None))
-    assert table.get("session:s") is None and follower.records == 4
+    follower._apply(Record(b"session:search/s", c.model_dump_json().encode()))
+    follower._apply(Record(b"session:search/x", b'{"not": "a change"}'))
+    follower._apply(Record(b"session:search/y", b"\xff garbage"))
+    assert table.get("session:search/s") == c and follower.rejected == 2
+    follower._apply(Record(b"session:search/s", None))
+    assert table.get("session:search/s") is None and follower.records == 4
 
 
 def test_a_listener_that_fails_does_not_stop_the_follower() -> None:
@@ -295,4 +325,4 @@ def test_a_listener_that_fails_does_not_stop_the_follower() -> None:
     for key in ("session:bad", "session:next"):
         follower._apply(Record(key.encode(), change(key, OPEN).model_dump_json().encode()))
     assert seen == ["bad", "next"]
-    assert table.get("session:bad") is not None and table.get("session:next") is not None
+    assert table.get("session:search/bad") is not None and table.get("session:search/next") is not None

@@ -275,7 +275,7 @@ def test_newest_breaker_version_wins() -> None:
     view.observe_breaker(make_change("api_key:k1", "open", 5))
     view.observe_breaker(make_change("api_key:k1", "closed", 4, previous="open"))  # older: ignored
     view.observe_breaker(make_change("api_key:k1", "open", 5))  # same version again: ignored
-    assert view.breaker("api_key:k1").state is BreakerState.OPEN  # type: ignore[union-attr]
+    assert view.breaker(Entity(type="api_key", id="k1"), "search").state is BreakerState.OPEN  # type: ignore[union-attr]
     view.observe_breaker(make_change("api_key:k1", "closed", 6, previous="open"))
     view.observe_breaker(make_change("team:ads", "half_open", 2, previous="open"))
     view.observe_breaker(make_change("agent:bot", "open", 1, at=T0 - 600))
@@ -295,7 +295,7 @@ def test_breakers_are_bounded_closed_first() -> None:
     for i in range(100):
         view.observe_breaker(make_change(f"session:s{i}", "closed", 1, at=T0 + i, previous="open"))
     assert len(view._breakers) <= 20
-    assert view.breaker("api_key:keep-open") is not None
+    assert view.breaker(Entity(type="api_key", id="keep-open"), "search") is not None
 
 
 def test_local_breaker_control_opens_and_closes_with_rising_versions() -> None:
@@ -315,7 +315,7 @@ async def _open_and_close() -> None:
     assert await control(BreakerRequest(entity, "close", "again", "ann")) == []
     (forever,) = await control(BreakerRequest(entity, "open", "x", "ann", ttl_seconds=float("inf")))
     assert forever.expires_at is None
-    assert view.breaker(entity) == forever and len(control.requests) == 4
+    assert view.breaker(entity, "ads") == forever and len(control.requests) == 4
 
 
 # -- rejects and notifications ----------------------------------------------------------------

@@ -5,6 +5,7 @@
 (function () {
   const $ = (id) => document.getElementById(id);
   const BREAKER_TYPES = new Set(["team", "api_key", "agent", "session"]);
+  const TEAM_SCOPED = new Set(["agent", "session"]);  // teams name their agents and sessions: a breaker per team
   const KIND = { cost_spike: "Cost spike", budget_burn: "Budget burn", retry_storm: "Retry storm", agent_loop: "Agent loop" };
   const ENTITY = { team: "team", api_key: "api key", user: "user", agent: "agent", session: "session", model: "model" };
   const LABEL = { real: "real", false_alarm: "false alarm", planned: "planned" };
@@ -170,7 +171,8 @@
     if (button) button.disabled = false;
     if (!result) return;
     const state = result.breaker ? result.breaker.state : "closed";
-    toast("Breaker on " + entity + " is " + state.replace("_", "-"));
+    const team = result.breaker && TEAM_SCOPED.has(result.breaker.entity.type) ? " of team " + result.breaker.owner : "";
+    toast("Breaker on " + entity + team + " is " + state.replace("_", "-"));
     if (result.breaker) applyBreaker(result.breaker);
   }
 
@@ -178,12 +180,13 @@
     // Show the click at once; the live stream confirms it a moment later.
     if (!ui.data) return;
     const row = {
+      key: breakerKey(change.entity.type, change.entity.id, change.owner),
       entity: change.entity.type + ":" + change.entity.id, entity_type: change.entity.type, entity_id: change.entity.id,
       owner: change.owner, state: change.state, previous_state: change.previous_state, version: change.version,
       changed_at: change.changed_at, expires_at: change.expires_at, reason: change.reason,
       incident_id: change.incident_id, actor: change.actor,
     };
-    const rest = ui.data.breakers.filter((b) => b.entity !== row.entity);
+    const rest = ui.data.breakers.filter((b) => b.key !== row.key);
     ui.data.breakers = [row, ...rest];
     renderBreakers(ui.data);
     renderIncidents(ui.data, true);
@@ -289,15 +292,20 @@
     }
   }
 
-  function breakerOf(entity) {
-    return ((ui.data && ui.data.breakers) || []).find((b) => b.entity === entity);
+  function breakerKey(type, id, owner) {  // as detector.breakers.entity_key
+    return TEAM_SCOPED.has(type) ? type + ":" + owner.replace(/%/g, "%25").replace(/\//g, "%2F") + "/" + id : type + ":" + id;
+  }
+
+  function breakerOf(type, id, owner) {
+    const key = breakerKey(type, id, owner);
+    return ((ui.data && ui.data.breakers) || []).find((b) => b.key === key);
   }
 
   function renderIncidents(data, force) {
     const list = ui.incidentTab === "active" ? data.incidents.active : data.incidents.recent;
     $("n-active").textContent = String(data.incidents.active.length);
     $("n-recent").textContent = String(data.incidents.recent.length);
-    if (!changed("incidents", [ui.incidentTab, list, data.controls, data.breakers.map((b) => [b.entity, b.state])]) && !force) return;
+    if (!changed("incidents", [ui.incidentTab, list, data.controls, data.breakers.map((b) => [b.key, b.state])]) && !force) return;
     const box = $("incidents");
     box.textContent = "";
     if (list.length === 0) {
@@ -337,16 +345,16 @@
         (inc.records > 1 ? ` · updated ${inc.records - 1}× , last ${clock(inc.detected_at)}` : "");
     const actions = h("div", { class: "inc-actions" });
     if (controls.breakers && BREAKER_TYPES.has(inc.entity_type) && !resolved) {
-      const b = breakerOf(inc.entity);
+      const b = breakerOf(inc.entity_type, inc.entity_id, inc.owner);
       if (b && b.state !== "closed") {
         actions.append(h("span", { class: "pill " + b.state }, "breaker " + b.state.replace("_", "-")));
         actions.append(h("button", { type: "button", class: "btn btn-small btn-safe", dataset: { action: "close-breaker", entity: inc.entity },
-          onclick: (e) => changeBreaker(inc.entity, "close", { reason: "closed from the dashboard", incident_id: inc.incident_id }, e.currentTarget) }, "Close breaker"));
+          onclick: (e) => changeBreaker(inc.entity, "close", { reason: "closed from the dashboard", incident_id: inc.incident_id, owner: inc.owner }, e.currentTarget) }, "Close breaker"));
       } else {
         actions.append(h("button", { type: "button", class: "btn btn-small btn-danger", dataset: { action: "open-breaker", entity: inc.entity },
           title: inc.recommended_action,
           onclick: (e) => changeBreaker(inc.entity, "open", {
-            reason: ((KIND[inc.kind] || inc.kind) + ": " + inc.summary).slice(0, 480), incident_id: inc.incident_id,
+            reason: ((KIND[inc.kind] || inc.kind) + ": " + inc.summary).slice(0, 480), incident_id: inc.incident_id, owner: inc.owner,
           }, e.currentTarget) }, "Open breaker"));
       }
     }
@@ -373,9 +381,9 @@
       if (data.controls.breakers) {
         act = b.state === "closed"
           ? h("button", { type: "button", class: "btn btn-small btn-danger", dataset: { action: "open-breaker", entity: b.entity },
-            onclick: (e) => changeBreaker(b.entity, "open", { reason: "reopened from the dashboard", incident_id: b.incident_id }, e.currentTarget) }, "Open")
+            onclick: (e) => changeBreaker(b.entity, "open", { reason: "reopened from the dashboard", incident_id: b.incident_id, owner: b.owner }, e.currentTarget) }, "Open")
           : h("button", { type: "button", class: "btn btn-small btn-safe", dataset: { action: "close-breaker", entity: b.entity },
-            onclick: (e) => changeBreaker(b.entity, "close", { reason: "closed from the dashboard" }, e.currentTarget) }, "Close");
+            onclick: (e) => changeBreaker(b.entity, "close", { reason: "closed from the dashboard", owner: b.owner }, e.currentTarget) }, "Close");
       }
       const expires = b.state === "open" ? (b.expires_at ? "until " + clock(b.expires_at) : "until closed") : "";
       return h("tr", { dataset: { testid: "breaker", entity: b.entity, state: b.state } },
@@ -459,9 +467,10 @@
       const row = h("p", {}, "Breaker: ", h("span", { class: "pill " + state }, state.replace("_", "-")), " ");
       if (controls.breakers) {
         const entity = type + ":" + id;
+        const owner = e.breaker ? e.breaker.owner : e.owner;
         row.append(state === "closed"
-          ? h("button", { type: "button", class: "btn btn-small btn-danger", onclick: async (ev) => { await changeBreaker(entity, "open", { reason: "opened from the dashboard" }, ev.currentTarget); openEntity(type, id); } }, "Open breaker")
-          : h("button", { type: "button", class: "btn btn-small btn-safe", onclick: async (ev) => { await changeBreaker(entity, "close", { reason: "closed from the dashboard" }, ev.currentTarget); openEntity(type, id); } }, "Close breaker"));
+          ? h("button", { type: "button", class: "btn btn-small btn-danger", onclick: async (ev) => { await changeBreaker(entity, "open", { reason: "opened from the dashboard", owner }, ev.currentTarget); openEntity(type, id); } }, "Open breaker")
+          : h("button", { type: "button", class: "btn btn-small btn-safe", onclick: async (ev) => { await changeBreaker(entity, "close", { reason: "closed from the dashboard", owner }, ev.currentTarget); openEntity(type, id); } }, "Close breaker"));
       }
       body.append(row);
     }
