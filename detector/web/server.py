@@ -16,7 +16,7 @@ Routes (all JSON unless said):
 ``GET /api/incidents?status=&limit=``         active (most severe first) and resolved incidents
 ``GET /api/incidents/{incident_id}``          one incident with its record history
 ``POST /api/incidents/{incident_id}/feedback`` ``{"label": "real"|"false_alarm"|"planned", ...}``
-``GET /api/entities/{type}/{id}``             spend, events, models, incidents, breaker of one entity
+``GET /api/entities/{type}/{id}[?team=T]``    spend, events, models, incidents, breaker of one entity
 ``GET /api/spend?range=&step=``               spend per team over time
 ``GET /api/breakers``                         breakers, open first
 ``POST /api/breakers``                        ``{"entity": "api_key:k1", "action": "open"|"close", ...}``
@@ -451,9 +451,10 @@ async def _entity(request: web.Request) -> web.Response:
     type_, id_ = request.match_info["type"], request.match_info["id"]
     if type_ not in ENTITY_TYPES:
         return _error(400, f"type must be one of {', '.join(ENTITY_TYPES)}")
-    summary = _cfg(request).view.entity(type_, id_)
+    team = request.query.get("team") or None  # users, agents and sessions are per team
+    summary = _cfg(request).view.entity(type_, id_, team)
     if summary is None:
-        return _error(404, f"{type_}:{id_} has not been seen")
+        return _error(404, f"{type_}:{id_}{f' of team {team}' if team else ''} has not been seen")
     return _json(summary)
 
 

@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal, get_args
 
 from detector.breakers import change_key, entity_key
+from detector.detectors.base import SCOPED, SEP, store_key
 from detector.events import (
     Alert,
     AlertStatus,
@@ -196,6 +197,10 @@ class LiveView:
         failed = ev.status is not Status.OK
         minute = int(ts // _MINUTE)
         notify = False
+        team = ev.team
+        # Teams name their users, agents and sessions: each team's "assistant" is its own.
+        user = None if ev.user is None else f"{team}{SEP}{ev.user}"
+        agent = None if ev.agent_id is None else f"{team}{SEP}{ev.agent_id}"
         with self._lock:
             self.events += 1
             self.spend_usd += cost_usd
@@ -211,31 +216,31 @@ class LiveView:
                 if failed:
                     bucket.errors += 1
                 teams = bucket.teams
-                team = ev.team if ev.team in teams or len(teams) < self.limits.max_teams_per_minute else OTHER
-                teams[team] = teams.get(team, 0.0) + cost_usd
+                slot = team if team in teams or len(teams) < self.limits.max_teams_per_minute else OTHER
+                teams[slot] = teams.get(slot, 0.0) + cost_usd
                 by_type = bucket.by_type
                 if by_type is not None:
                     d = by_type[0]
                     d[ev.api_key_id] = d.get(ev.api_key_id, 0.0) + cost_usd
-                    if ev.user is not None:
+                    if user is not None:
                         d = by_type[1]
-                        d[ev.user] = d.get(ev.user, 0.0) + cost_usd
-                    if ev.agent_id is not None:
+                        d[user] = d.get(user, 0.0) + cost_usd
+                    if agent is not None:
                         d = by_type[2]
-                        d[ev.agent_id] = d.get(ev.agent_id, 0.0) + cost_usd
+                        d[agent] = d.get(agent, 0.0) + cost_usd
                     d = by_type[3]
                     d[ev.model] = d.get(ev.model, 0.0) + cost_usd
-            team = ev.team
             entities = self._entities
             retry = ev.retry_attempt > 0
             self._count(entities["team"], team, team, ts, cost_usd, failed, retry, ev.model)
             self._count(entities["api_key"], ev.api_key_id, team, ts, cost_usd, failed, retry, ev.model)
-            if ev.user is not None:
-                self._count(entities["user"], ev.user, team, ts, cost_usd, failed, retry, ev.model)
-            if ev.agent_id is not None:
-                self._count(entities["agent"], ev.agent_id, team, ts, cost_usd, failed, retry, ev.model)
+            if user is not None:
+                self._count(entities["user"], user, team, ts, cost_usd, failed, retry, ev.model)
+            if agent is not None:
+                self._count(entities["agent"], agent, team, ts, cost_usd, failed, retry, ev.model)
             if ev.session_id is not None:
-                self._count(entities["session"], ev.session_id, team, ts, cost_usd, failed, retry, ev.model)
+                session = f"{team}{SEP}{ev.session_id}"
+                self._count(entities["session"], session, team, ts, cost_usd, failed, retry, ev.model)
             self._count(entities["model"], ev.model, team, ts, cost_usd, failed, retry, team)
             if not self._pending:
                 self._pending = notify = True
@@ -417,29 +422,55 @@ class LiveView:
             return self._top_spenders(n)
 
     def owner(self, entity: Entity) -> str | None:
-        """The team that owns an entity, as its newest event said (a team owns itself)."""
+        """The team that owns an entity, as its newest event said (a team owns itself).
+
+        A user, agent or session id that several teams use has no one owner: None.
+        """
         if entity.type == "team":
             return entity.id
         with self._lock:
+            if entity.type in SCOPED:
+                teams = self._teams_of(entity.type, entity.id)
+                return teams[0] if len(teams) == 1 else None
             stats = self._entities[entity.type].get(entity.id)
             return None if stats is None else stats.owner
 
-    def entity(self, type_: str, id_: str) -> dict[str, Any] | None:
-        """Summary of one entity: spend, events, errors, its models, its incidents and its breaker."""
+    def entity(self, type_: str, id_: str, team: str | None = None) -> dict[str, Any] | None:
+        """Summary of one entity: spend, events, errors, its models, its incidents and its breaker.
+
+        A user, agent or session is one team's (``team``; None: of the team that spent most on
+        that id); ``teams`` lists every team the view saw use the id.
+        """
         if type_ not in ENTITY_TYPES:
             return None
         with self._lock:
-            stats = self._entities[type_].get(id_)
+            teams: list[str] = []
+            key: str | None = id_
+            if type_ in SCOPED:
+                teams = self._teams_of(type_, id_)
+                if team is None and teams:
+                    store = self._entities[type_]
+                    team = max(teams, key=lambda t: store[store_key(type_, t, id_)].spend)
+                key = None if team is None else store_key(type_, team, id_)
+            stats = None if key is None else self._entities[type_].get(key)
             entity = f"{type_}:{id_}"
             incidents = [
-                self._incident_json(inc) for inc in self._incidents.values() if _involves(inc.latest, type_, id_)
+                self._incident_json(inc)
+                for inc in self._incidents.values()
+                if _involves(inc.latest, type_, id_) and (team is None or inc.latest.owner == team)
             ]
             # An agent or a session has a breaker per team that named it (see detector.breakers).
-            breakers = [b for b in self._breakers.values() if b.entity.type == type_ and b.entity.id == id_]
+            breakers = [
+                b
+                for b in self._breakers.values()
+                if b.entity.type == type_ and b.entity.id == id_ and (team is None or b.owner == team)
+            ]
             breaker = breakers[0] if breakers else None
             if stats is None and not incidents and breaker is None:
                 return None
             out: dict[str, Any] = {"entity": entity, "type": type_, "id": id_}
+            if type_ in SCOPED:
+                out["teams"] = teams
             if stats is not None:
                 total = stats.spend or 1.0
                 breakdown = sorted(stats.breakdown.items(), key=lambda kv: -kv[1])
@@ -460,17 +491,20 @@ class LiveView:
                 out["owner"] = incidents[0]["owner"] if incidents else (breaker.owner if breaker else None)
             if type_ in TOP_TYPES:
                 index = TOP_TYPES.index(type_)
-                out["spend_last_window_usd"] = round(
-                    sum(b.by_type[index].get(id_, 0.0) for b in self._top_buckets() if b.by_type is not None), 6
-                )
+                spend = 0.0
+                if key is not None:
+                    spend = sum(b.by_type[index].get(key, 0.0) for b in self._top_buckets() if b.by_type is not None)
+                out["spend_last_window_usd"] = round(spend, 6)
                 out["window_seconds"] = self.limits.top_window_seconds
             elif type_ == "team":
                 out["spend_series"] = self._spend_series(self.limits.top_window_seconds, _MINUTE, only=id_)
             out["incidents"] = incidents
-            breaker = next((b for b in breakers if b.owner == out["owner"]), breaker)
             out["breaker"] = _breaker_json(breaker) if breaker is not None else None
-            out["breakers"] = [_breaker_json(b) for b in breakers]
             return out
+
+    def _teams_of(self, type_: str, id_: str) -> list[str]:
+        """The teams the view saw use this user, agent or session id (a scan: for a page, not per event)."""
+        return sorted(team for team, _, ident in (k.partition(SEP) for k in self._entities[type_]) if ident == id_)
 
     # -- internals (the lock is held) ---------------------------------------------------------
 
@@ -569,8 +603,12 @@ class LiveView:
             store = self._entities[type_]
             rows = []
             for k, v in heapq.nlargest(n, acc.items(), key=lambda kv: kv[1]):
-                stats = store.get(k)
-                owner = (stats.owner if stats is not None else None) if type_ != "model" else None
+                owner: str | None
+                if type_ in SCOPED:  # kept as "<team>\x1f<id>"
+                    owner, _, k = k.partition(SEP)
+                else:
+                    stats = store.get(k)
+                    owner = (stats.owner if stats is not None else None) if type_ != "model" else None
                 rows.append({"id": k, "owner": owner, "spend_usd": round(v, 6), "share": round(v / total, 4)})
             out[type_] = rows
         return out

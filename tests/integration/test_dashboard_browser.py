@@ -32,6 +32,7 @@ from detector.simulate import SimulationSpec, write_simulation
 from detector.web.control import LocalBreakerControl, LocalFeedback
 from detector.web.feed import Feed, build_view_from_replay
 from detector.web.server import BackgroundServer, create_web_app
+from tests.conftest import make_event
 from tests.unit.test_web_view import make_alert
 
 pytestmark = pytest.mark.integration
@@ -220,6 +221,28 @@ def test_a_live_alert_arrives_and_its_breaker_button_works(browser: WebDriver, d
         )
         == []
     )
+
+
+def test_an_agent_two_teams_name_opens_as_the_incidents_teams(browser: WebDriver, dashboard: Dashboard) -> None:
+    wait = open_page(browser, dashboard)
+    browser.find_element(By.CSS_SELECTOR, '#incident-tabs button[data-tab="active"]').click()
+    at = dashboard.feed.view.watermark
+    for i, (team, cost) in enumerate([("ads", 9.0), ("support", 2.0)] * 3):  # ads spends most on its "twin"
+        dashboard.feed.observe_event(make_event(at + i, team=team, agent_id="twin", api_key_id=f"k-{team}"), cost)
+    alert = make_alert("twin-loop", kind="agent_loop", entity="agent:twin", at=at + 5, owner="support")
+    dashboard.feed.observe_alert(alert)
+    card_selector = '#incidents [data-testid="incident"][data-incident-id="twin-loop"]'
+    card = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, card_selector)))
+    card.find_element(By.CSS_SELECTOR, ".inc-entity").click()  # support's loop: support's twin, not ads'
+    wait.until(ec.text_to_be_present_in_element((By.ID, "entity-title"), "agent twin · team support"))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "entity-body"), "Owned by team support"))
+    assert "$6.00" in browser.find_element(By.ID, "entity-body").text  # three calls at $2, none of ads' $27
+    others = browser.find_element(By.CSS_SELECTOR, '#entity-body [data-testid="other-teams"]')
+    others.find_element(By.TAG_NAME, "button").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "entity-title"), "agent twin · team ads"))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "entity-body"), "$27.00"))
+    browser.find_element(By.ID, "entity-close").click()
+    assert severe_console_errors(browser) == []
 
 
 def test_the_screenshot_is_not_blank(browser: WebDriver, dashboard: Dashboard, tmp_path: Path) -> None:

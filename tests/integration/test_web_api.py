@@ -174,6 +174,16 @@ def test_entities(api: Api) -> None:
     assert api.call("GET", "/api/entities/planet/earth")[0] == 400
 
 
+def test_a_user_is_asked_for_by_team(api: Api) -> None:
+    api.view.observe_event(make_event(T0 + 200, api_key_id="k2", team="ads", user="ann"), 7.0)  # ads' own ann
+    status, ann, _ = api.call("GET", "/api/entities/user/ann?team=ads")
+    assert status == 200 and (ann["owner"], ann["events"], ann["spend_usd"]) == ("ads", 1, 7.0)
+    assert ann["teams"] == ["ads", "search"]
+    assert api.call("GET", "/api/entities/user/ann")[1]["owner"] == "search"  # the team that spent most
+    status, error, _ = api.call("GET", "/api/entities/user/ann?team=billing")
+    assert status == 404 and error["error"] == "user:ann of team billing has not been seen"
+
+
 def test_state_and_spend(api: Api) -> None:
     status, state, _ = api.call("GET", "/api/state?range=3600")
     assert status == 200

@@ -69,13 +69,15 @@ def make_alert(
     )
 
 
-def make_change(entity: str, state: str, version: int, at: float = T0, previous: str = "closed") -> BreakerChange:
+def make_change(
+    entity: str, state: str, version: int, at: float = T0, previous: str = "closed", owner: str = "search"
+) -> BreakerChange:
     type_, _, id_ = entity.partition(":")
     return BreakerChange.model_validate(
         {
-            "change_id": f"{entity}-{version}",
+            "change_id": f"{entity}-{owner}-{version}",
             "entity": {"type": type_, "id": id_},
-            "owner": "search",
+            "owner": owner,
             "state": state,
             "previous_state": previous,
             "version": version,
@@ -186,13 +188,48 @@ def test_entity_summary_has_spend_errors_models_incidents_and_breaker() -> None:
     assert view.entity("planet", "earth") is None
 
 
+def test_users_agents_and_sessions_are_each_teams_own() -> None:
+    view = LiveView()
+    for i in range(10):  # two teams name their agent "assistant" and a session "1"; search spends more
+        view.observe_event(make_event(T0 + i, team="search", agent_id="assistant", session_id="1", user="ann"), 2.0)
+        view.observe_event(make_event(T0 + i, team="ads", agent_id="assistant", session_id="1", model="o3"), 0.5)
+    view.observe_alert(make_alert("inc-ads", kind="agent_loop", entity="agent:assistant", owner="ads"))
+    view.observe_breaker(make_change("agent:assistant", "open", 1, owner="ads"))
+    ads = view.entity("agent", "assistant", "ads")
+    assert ads is not None
+    assert (ads["owner"], ads["events"], ads["spend_usd"], ads["teams"]) == ("ads", 10, 5.0, ["ads", "search"])
+    assert [b["name"] for b in ads["breakdown"]] == ["o3"]
+    assert [i["incident_id"] for i in ads["incidents"]] == ["inc-ads"] and ads["breaker"]["owner"] == "ads"
+    assert ads["spend_last_window_usd"] == 5.0
+    search = view.entity("agent", "assistant")  # no team: the one that spent most on it
+    assert search is not None and (search["owner"], search["spend_usd"]) == ("search", 20.0)
+    assert search["incidents"] == [] and search["breaker"] is None  # ads' loop and breaker are not search's
+    assert view.entity("session", "1", "search")["events"] == 10  # type: ignore[index]
+    assert view.entity("agent", "assistant", "billing") is None
+    assert view.owner(Entity(type="agent", id="assistant")) is None  # whose? two teams have one
+    assert view.owner(Entity(type="user", id="ann")) == "search"
+    top = view.top_spenders(n=5)["agent"]
+    assert [(r["id"], r["owner"], r["spend_usd"]) for r in top] == [
+        ("assistant", "search", 20.0),
+        ("assistant", "ads", 5.0),
+    ]
+
+
+def test_an_entity_known_only_by_its_breaker_has_the_breakers_owner() -> None:
+    view = LiveView()
+    view.observe_breaker(make_change("agent:a9", "open", 1, owner="ads"))
+    s = view.entity("agent", "a9")
+    assert s is not None and (s["owner"], s["teams"], s["breaker"]["state"]) == ("ads", [], "open")
+    assert s["spend_last_window_usd"] == 0.0
+
+
 def test_entity_summaries_are_bounded_least_recently_seen_first() -> None:
     view = LiveView(ViewLimits(max_entities_per_type=100, max_breakdown=2))
     for i in range(1000):
         view.observe_event(make_event(T0 + i, session_id=f"s{i}", model=f"m{i % 5}"), 0.01)
     sessions = view._entities["session"]
     assert len(sessions) <= 100
-    assert "s999" in sessions and "s0" not in sessions
+    assert "search\x1fs999" in sessions and "search\x1fs0" not in sessions  # kept per team
     key = view.entity("api_key", "key-1")
     assert key is not None and [b["name"] for b in key["breakdown"]] == [OTHER, "m0", "m1"]  # by spend
 

@@ -6,6 +6,7 @@
   const $ = (id) => document.getElementById(id);
   const BREAKER_TYPES = new Set(["team", "api_key", "agent", "session"]);
   const TEAM_SCOPED = new Set(["agent", "session"]);  // teams name their agents and sessions: a breaker per team
+  const SCOPED = new Set(["user", "agent", "session"]);  // ... and their users: the dashboard shows each team's own
   const KIND = { cost_spike: "Cost spike", budget_burn: "Budget burn", retry_storm: "Retry storm", agent_loop: "Agent loop" };
   const ENTITY = { team: "team", api_key: "api key", user: "user", agent: "agent", session: "session", model: "model" };
   const LABEL = { real: "real", false_alarm: "false alarm", planned: "planned" };
@@ -91,10 +92,10 @@
     return true;
   }
 
-  function entityButton(entity, bare) {
+  function entityButton(entity, bare, team) {
     const [type, ...rest] = entity.split(":");
     const id = rest.join(":");
-    return h("button", { class: "linkish inc-entity", type: "button", title: "Details of " + entity, onclick: () => openEntity(type, id) },
+    return h("button", { class: "linkish inc-entity", type: "button", title: "Details of " + entity, onclick: () => openEntity(type, id, team) },
       bare ? id : (ENTITY[type] || type) + " " + id);
   }
 
@@ -330,7 +331,7 @@
       h("div", { class: "inc-head" },
         h("span", { class: "pill " + inc.severity }, inc.severity),
         h("span", { class: "inc-kind" }, KIND[inc.kind] || inc.kind),
-        entityButton(inc.entity),
+        entityButton(inc.entity, false, inc.owner),
         inc.entity === "team:" + inc.owner ? null : h("span", { class: "inc-owner" }, "team " + inc.owner),
         h("span", { class: "pill " + inc.status }, inc.status),
         inc.feedback ? h("span", { class: "pill label", title: inc.feedback.note || "" }, "labelled " + (LABEL[inc.feedback.label] || inc.feedback.label) + " by " + inc.feedback.actor) : null),
@@ -388,7 +389,7 @@
       const expires = b.state === "open" ? (b.expires_at ? "until " + clock(b.expires_at) : "until closed") : "";
       return h("tr", { dataset: { testid: "breaker", entity: b.entity, state: b.state } },
         h("td", {}, h("span", { class: "pill " + b.state, dataset: { testid: "breaker-state" } }, b.state.replace("_", "-")), h("div", { class: "muted" }, expires)),
-        h("td", {}, entityButton(b.entity), h("div", { class: "muted" }, "team " + b.owner)),
+        h("td", {}, entityButton(b.entity, false, b.owner), h("div", { class: "muted" }, "team " + b.owner)),
         h("td", { class: "reason" }, b.reason, h("div", { class: "muted" }, "by " + b.actor + " · " + clock(b.changed_at) + " (" + ago(b.changed_at) + ")")),
         h("td", { class: "act" }, act));
     });
@@ -410,7 +411,7 @@
       bar.firstChild.style.width = Math.max(1, (100 * r.spend_usd) / max).toFixed(1) + "%";
       return h("tr", { dataset: { testid: "top-row", id: r.id } },
         h("td", { class: "muted num" }, String(i + 1)),
-        h("td", {}, entityButton(ui.topTab + ":" + r.id, true), bar),
+        h("td", {}, entityButton(ui.topTab + ":" + r.id, true, r.owner), bar),
         h("td", { class: "muted" }, r.owner ? "team " + r.owner : ""),
         h("td", { class: "usd" }, usd(r.spend_usd), h("div", { class: "muted" }, (100 * r.share).toFixed(1) + "%")));
     });
@@ -433,13 +434,16 @@
 
   // -- entity details -----------------------------------------------------------------------
 
-  async function openEntity(type, id) {
+  async function openEntity(type, id, team) {
+    // Users, agents and sessions are per team (each team's "assistant" is its own): ask for this one's.
+    team = SCOPED.has(type) ? team : undefined;
     const dialog = $("entity-dialog");
-    $("entity-title").textContent = (ENTITY[type] || type) + " " + id;
+    $("entity-title").textContent = (ENTITY[type] || type) + " " + id + (team ? " · team " + team : "");
     const body = $("entity-body");
     body.textContent = "Loading…";
     if (!dialog.open) dialog.showModal();
-    const response = await fetch("api/entities/" + encodeURIComponent(type) + "/" + encodeURIComponent(id));
+    const query = team ? "?team=" + encodeURIComponent(team) : "";
+    const response = await fetch("api/entities/" + encodeURIComponent(type) + "/" + encodeURIComponent(id) + query);
     const e = await response.json().catch(() => ({}));
     body.textContent = "";
     if (!response.ok) {
@@ -453,6 +457,11 @@
       h("div", {}, h("span", {}, "failed"), h("b", {}, e.events ? (100 * e.errors / e.events).toFixed(1) + "%" : "—")),
       h("div", {}, h("span", {}, "retries"), h("b", {}, (e.retries || 0).toLocaleString("en-US"))));
     body.append(h("p", {}, (e.owner ? "Owned by team " + e.owner + ". " : "") + (e.first_seen ? "Seen " + clock(e.first_seen, true) + " to " + clock(e.last_seen, true) + " UTC." : "")), facts);
+    const others = (e.teams || []).filter((t) => t !== e.owner);
+    if (others.length) {
+      body.append(h("p", { class: "muted", dataset: { testid: "other-teams" } }, "Other teams with " + (ENTITY[type] || type).toLowerCase() + " " + id + ": ",
+        ...others.map((t) => h("button", { class: "linkish", type: "button", onclick: () => openEntity(type, id, t) }, t + " "))));
+    }
     if (e.breakdown && e.breakdown.length) {
       body.append(h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "By " + e.breakdown_by), h("th", { class: "usd" }, "Spend"), h("th", { class: "usd" }, "Share"))),
         h("tbody", {}, e.breakdown.map((b) => h("tr", {}, h("td", {}, b.name), h("td", { class: "usd" }, usd(b.spend_usd)), h("td", { class: "usd" }, (100 * b.share).toFixed(1) + "%"))))));
@@ -469,8 +478,8 @@
         const entity = type + ":" + id;
         const owner = e.breaker ? e.breaker.owner : e.owner;
         row.append(state === "closed"
-          ? h("button", { type: "button", class: "btn btn-small btn-danger", onclick: async (ev) => { await changeBreaker(entity, "open", { reason: "opened from the dashboard", owner }, ev.currentTarget); openEntity(type, id); } }, "Open breaker")
-          : h("button", { type: "button", class: "btn btn-small btn-safe", onclick: async (ev) => { await changeBreaker(entity, "close", { reason: "closed from the dashboard", owner }, ev.currentTarget); openEntity(type, id); } }, "Close breaker"));
+          ? h("button", { type: "button", class: "btn btn-small btn-danger", onclick: async (ev) => { await changeBreaker(entity, "open", { reason: "opened from the dashboard", owner }, ev.currentTarget); openEntity(type, id, owner); } }, "Open breaker")
+          : h("button", { type: "button", class: "btn btn-small btn-safe", onclick: async (ev) => { await changeBreaker(entity, "close", { reason: "closed from the dashboard", owner }, ev.currentTarget); openEntity(type, id, owner); } }, "Close breaker"));
       }
       body.append(row);
     }
