@@ -50,10 +50,20 @@ def _best(repeat: int, run: object) -> float:
     return min(times)
 
 
+def in_memory(lines: list[bytes], repeat: int) -> tuple[float, float]:
+    """Seconds to decode ``lines``, and to replay them through the default engine (best of ``repeat``)."""
+    validate = decode_usage
+
+    def decode_only() -> None:
+        for line in lines:
+            validate(line)
+
+    return _best(repeat, decode_only), _best(repeat, lambda: replay(lines, Engine.default()))
+
+
 def throughput(events: Path | None, repeat: int, console: Console) -> dict[str, float]:
     lines = _load_lines(events, console)
     n = len(lines)
-    validate = decode_usage
     contract = UsageEvent.model_validate_json
 
     def json_only() -> None:
@@ -61,22 +71,14 @@ def throughput(events: Path | None, repeat: int, console: Console) -> dict[str, 
         for line in lines:
             loads(line)
 
-    def decode_only() -> None:
-        for line in lines:
-            validate(line)
-
     def pydantic_only() -> None:
         for line in lines:
             contract(line)
 
-    def full_replay() -> None:
-        replay(lines, Engine.default())
-
     with console.status(f"timing {n:,} events, best of {repeat} ..."):
         t_json = _best(repeat, json_only)
         t_pydantic = _best(repeat, pydantic_only)
-        t_decode = _best(repeat, decode_only)
-        t_replay = _best(repeat, full_replay)
+        t_decode, t_replay = in_memory(lines, repeat)
     figures = {
         "events": float(n),
         "json_parse_events_per_s": n / t_json,

@@ -1,6 +1,6 @@
 """``detector bench kafka``: one worker on a real broker, against raw aiokafka, and alert latency.
 
-Three measurements in one run, on one local broker (``--bootstrap``, else ``$KAFKA_BOOTSTRAP``,
+Four measurements in one run, on one local broker (``--bootstrap``, else ``$KAFKA_BOOTSTRAP``,
 else one started with ``deploy/kafka/kafka.sh up`` on 127.0.0.1:19392 and stopped at the end):
 
 * **raw consume**: simulated fleet traffic (the same as ``bench replay``: seed 11) is produced
@@ -17,6 +17,10 @@ else one started with ``deploy/kafka/kafka.sh up`` on 127.0.0.1:19392 and stoppe
   :mod:`detector.worker.align`). The **whole drain** rate, from the first line with events done
   to the line with all of them, has both in it. The time until the group's committed offsets
   reach the end offsets is reported beside them, start-up included.
+* **in memory**: the same events, no Kafka, in this process: decoded only, and decoded and run
+  through one engine of the default settings (the replay's: the least detection a worker does
+  per event, since it runs a key and a team stage). No worker can beat the second figure, so
+  its ratio to the raw consume rate is the ceiling of the worker's. Best of ``--repeat``.
 * **alert latency**: a second worker on fresh, empty topics; then events are produced at a
   steady ``--rate`` (10,000/s) for ``--seconds``, each with ``timestamp`` = the wall-clock
   time it was handed to the producer, so event time *is* produce time. The stream is normal
@@ -61,6 +65,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-
 from rich.console import Console
 from rich.table import Table
 
+from detector.bench import in_memory
 from detector.worker.aiokafka_check import c_extension_in_use
 
 KAFKA_SH = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "kafka.sh"
@@ -548,12 +553,16 @@ async def _run(
         await delete_topics(bootstrap, topics.all())
     with console.status(f"alert latency: {rate:,.0f} events/s for {seconds:g} s through a live worker ..."):
         figures |= await alert_latency(bootstrap, rate, seconds, partitions, workdir, console)
+    with console.status(f"the same events in memory, no Kafka: decode, and decode + detect, best of {repeat} ..."):
+        t_decode, t_detect = in_memory([line for _, line in records], repeat)
     return {
         "events": float(n),
         "produce_events_per_s": n / t_produce,
         "raw_consume_events_per_s": n / t_raw,
         **figures,
         "worker_vs_raw": figures["worker_events_per_s"] * t_raw / n,
+        "decode_events_per_s": n / t_decode,
+        "detect_events_per_s": n / t_detect,
     }
 
 
@@ -607,6 +616,9 @@ def kafka(
         label = " ".join(f"{k}={v}" for k, v in settings.items())
         ratio = rate_i / f["raw_consume_events_per_s"]
         table.add_row(f"detector worker, steady, {label}", f"{rate_i:,.0f}/s", f"{ratio:.3f}", "", "")
+    raw = f["raw_consume_events_per_s"]
+    for key, label in (("decode_events_per_s", "decode only"), ("detect_events_per_s", "decode + detect")):
+        table.add_row(f"no Kafka: {label}", f"{f[key]:,.0f}/s", f"{f[key] / raw:.3f}", "", "")
     live = f"{f['latency_rate_events_per_s']:,.0f}/s"
     table.add_row(f"alert latency p50 at {live}", f"{f['latency_p50_ms']:,.0f} ms", "", "", "")
     table.add_row(
