@@ -2,7 +2,9 @@
 
 The trace (two CSVs, ``code`` and ``conv``, one row per request) is not shipped with the
 package: :func:`derive_token_quantiles` turns it into ``detector/data/azure_llm_2023_tokens.json``
-once, and the simulator reads only that file, through :class:`TraceProfile`.
+once, and the simulator reads only that file, through :class:`TraceProfile`. The tests keep a
+gzipped copy (``tests/data/azure-llm-2023/``) to replay the trace's own requests through the
+engine (:func:`trace_events`).
 
 Regenerate the shipped file with::
 
@@ -11,9 +13,11 @@ Regenerate the shipped file with::
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,6 +29,7 @@ from numpy.typing import NDArray
 DATA_FILE = "azure_llm_2023_tokens.json"
 WORKLOADS = ("code", "conv")
 N_QUANTILES = 200  # 201 cut points: 0, 0.5 %, ..., 100 %
+HOUR_SECONDS = 3600.0  # the trace is one hour; trace_events lays it end to end
 
 SOURCE = {
     "dataset": "Azure LLM inference trace 2023 (Azure/AzurePublicDataset: "
@@ -46,7 +51,7 @@ def derive_token_quantiles(csv_dir: Path) -> dict[str, Any]:
     probabilities = np.linspace(0.0, 1.0, N_QUANTILES + 1)
     out: dict[str, Any] = {"_source": SOURCE, "probabilities": [round(float(p), 4) for p in probabilities]}
     for workload in WORKLOADS:
-        seconds, context, generated = _read_trace(Path(csv_dir) / f"AzureLLMInferenceTrace_{workload}.csv")
+        seconds, context, generated = _read_trace(trace_path(csv_dir, workload))
         out[workload] = {
             "requests": len(seconds),
             "context_tokens": _rounded(np.quantile(context, probabilities)),
@@ -85,10 +90,18 @@ def arrival_stats(seconds: NDArray[np.float64]) -> dict[str, float]:
 
 
 def _read_trace(path: Path) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """(seconds since the first request, context tokens, generated tokens) of one workload's CSV."""
+    instants, context, generated = _read_rows(path)
+    seconds = (instants - instants.min()).astype(np.int64) / 1e6
+    return seconds, context, generated
+
+
+def _read_rows(path: Path) -> tuple[NDArray[np.datetime64], NDArray[np.float64], NDArray[np.float64]]:
     stamps: list[str] = []
     context: list[int] = []
     generated: list[int] = []
-    with path.open(encoding="utf-8-sig") as fh:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8-sig") as fh:
         header = fh.readline().strip().split(",")
         if header != ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]:
             raise ValueError(f"{path}: unexpected header {header}")
@@ -98,8 +111,60 @@ def _read_trace(path: Path) -> tuple[NDArray[np.float64], NDArray[np.float64], N
             context.append(int(ctx))
             generated.append(int(gen))
     instants = np.array(stamps, dtype="datetime64[us]")
-    seconds = (instants - instants.min()).astype(np.int64) / 1e6
-    return seconds, np.array(context, dtype=np.float64), np.array(generated, dtype=np.float64)
+    return instants, np.array(context, dtype=np.float64), np.array(generated, dtype=np.float64)
+
+
+def trace_path(csv_dir: Path, workload: str) -> Path:
+    """The CSV of ``workload`` in ``csv_dir``, as the dataset names it (gzipped or not)."""
+    plain = Path(csv_dir) / f"AzureLLMInferenceTrace_{workload}.csv"
+    gzipped = plain.with_name(plain.name + ".gz")
+    return gzipped if gzipped.exists() and not plain.exists() else plain
+
+
+def trace_events(
+    csv_dir: Path,
+    start: float,
+    hours: int,
+    team: str = "platform",
+    models: Mapping[str, str] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The trace's own requests as usage events: real arrivals and sizes, not samples of them.
+
+    Each workload is one API key of ``team`` (``key-code``, ``key-conv``), on ``models``
+    (default gpt-4o for code, gpt-4o-mini for conversation) and priced by the catalog. The
+    trace's hour is laid end to end ``hours`` times from ``start`` (epoch seconds), the two
+    workloads keeping their offsets from each other, so the detectors learn a day of it and
+    are then judged on the very same bursts: the check that real burstiness raises no alarm.
+    Events come in timestamp order, as JSON-ready dicts.
+    """
+    models = {"code": "gpt-4o", "conv": "gpt-4o-mini"} | dict(models or {})
+    rows = [(w, *_read_rows(trace_path(csv_dir, w))) for w in WORKLOADS]
+    first = min(instants.min() for _, instants, _, _ in rows)
+    offsets = np.concatenate([(instants - first).astype(np.int64) / 1e6 for _, instants, _, _ in rows])
+    if offsets.max() >= HOUR_SECONDS:
+        raise ValueError(f"{csv_dir}: the trace spans more than an hour")
+    workload = np.concatenate([np.full(len(instants), i) for i, (_, instants, _, _) in enumerate(rows)])
+    context = np.concatenate([c for _, _, c, _ in rows]).astype(np.int64)
+    generated = np.concatenate([g for _, _, _, g in rows]).astype(np.int64)
+    order = np.argsort(offsets, kind="stable")
+    offsets, workload, context, generated = offsets[order], workload[order], context[order], generated[order]
+    names = [w for w, _, _, _ in rows]
+    for hour in range(hours):
+        base = start + hour * HOUR_SECONDS
+        for i in range(len(offsets)):
+            name = names[workload[i]]
+            yield {
+                "event_id": f"azure-{name}-{hour}-{i}",
+                "timestamp": round(base + float(offsets[i]), 6),
+                "team": team,
+                "api_key_id": f"key-{name}",
+                "provider": "openai",
+                "model": models[name],
+                "operation": "chat",
+                "input_tokens": int(context[i]),
+                "output_tokens": int(generated[i]),
+                "status": "ok",
+            }
 
 
 def _rounded(values: NDArray[np.float64]) -> list[float]:
