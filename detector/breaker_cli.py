@@ -192,10 +192,17 @@ def resolve_owner(entity: Entity, owner: str | None, changes: dict[str, BreakerC
     detector.breaker_cli.OwnerNeeded: agent:assistant: whose? Each team has its own; say --owner TEAM
     """
     if owner is not None:
-        return owner
+        if not owner.strip():
+            raise OwnerNeeded(f"{entity}: --owner must name a team")
+        return owner.strip()
     if entity.type == "team":
         return entity.id
-    known = sorted({c.owner for c in changes.values() if c.entity == entity})
+    # An agent or session: the team of its only breaker that is not closed (a closed one, kept for
+    # ordering, may be a week old and another team's); an API key: of any breaker it had.
+    scoped = entity.type in TEAM_SCOPED
+    known = sorted(
+        {c.owner for c in changes.values() if c.entity == entity and not (scoped and c.state is BreakerState.CLOSED)}
+    )
     if len(known) == 1:
         return known[0]
     if entity.type in TEAM_SCOPED:

@@ -489,6 +489,8 @@ async def _change_breaker(request: web.Request) -> web.Response:
         changes = list(await cfg.breaker_control(breaker_request))
     except BreakerRefused as error:
         return _error(409, str(error))
+    except ValueError as error:  # the request cannot be carried out as it stands (whose agent is it?)
+        return _error(400, str(error))
     except Exception as error:
         log.exception("breaker control failed for %s", breaker_request.entity)
         return _error(502, f"the breaker could not be changed: {type(error).__name__}: {error}")

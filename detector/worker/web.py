@@ -37,7 +37,7 @@ class KafkaBreakerControl:
 
     async def __call__(self, request: BreakerRequest) -> Sequence[BreakerChange]:
         if request.action == "close":
-            closed = await close_breaker(self.kafka, request.entity, request.reason, request.actor)
+            closed = await close_breaker(self.kafka, request.entity, request.reason, request.actor, owner=request.owner)
             return [closed] if closed is not None else []
         ttl = request.ttl_seconds if request.ttl_seconds is not None else DEFAULT_TTL_SECONDS
         change = await open_breaker(

@@ -70,6 +70,16 @@ def test_the_worker_serves_health_metrics_incidents_and_breaker_changes(
                     break
                 await asyncio.sleep(0.1)
             got["breakers"] = breakers
+            # Two teams' agents named "assistant": a close for ads closes ads' breaker, not search's.
+            for team in ("search", "ads"):
+                opening = {"entity": "agent:assistant", "action": "open", "reason": "loop", "owner": team}
+                async with http.post(base + "/api/breakers", json=opening, headers=headers) as r:
+                    assert r.status == 200, await r.text()
+            closing = {"entity": "agent:assistant", "action": "close", "reason": "fixed", "owner": "ads"}
+            async with http.post(base + "/api/breakers", json=closing, headers=headers) as r:
+                got["close"] = (r.status, await r.json())
+            on_topic = await consume_until(kafka_bootstrap, topics.breakers, lambda rs: len(rs) >= 4, timeout=20)
+            got["agents"] = [BreakerChange.model_validate_json(r.value) for r in on_topic[1:]]
         return got
 
     got = asyncio.run(scenario())
@@ -89,4 +99,8 @@ def test_the_worker_serves_health_metrics_incidents_and_breaker_changes(
     assert (change.entity.type, change.entity.id, change.state.value) == ("api_key", "key-1", "open")
     assert change.reason == "stop the storm"
     assert [(b["entity"], b["state"]) for b in got["breakers"]] == [("api_key:key-1", "open")]
+    status, body = got["close"]
+    assert status == 200, body
+    assert [(c["owner"], c["state"]) for c in body["changes"]] == [("ads", "closed")]
+    assert [(c.owner, c.state.value) for c in got["agents"]] == [("search", "open"), ("ads", "open"), ("ads", "closed")]
     print(json.dumps(got["breakers"][0])[:200])

@@ -48,3 +48,28 @@ def test_a_change_on_top_of_another_teams_breaker_is_refused() -> None:
     assert (closed.state, closed.owner, closed.version) == (BreakerState.CLOSED, "search", current.version + 1)
     reopened = manual_change(None, AGENT, "open", at=T0 + 2, reason="x", actor="bob", owner="ads", ttl=math.inf)
     assert reopened.expires_at is None and change_key(reopened) == "agent:ads/assistant"
+
+
+def test_a_closed_breaker_of_another_team_says_nothing_of_whose_agent_it_is() -> None:
+    old = opened("agent:assistant", "ads")
+    closed = manual_change(old, AGENT, "close", at=T0 + 60, reason="fixed", actor="bob", owner="ads")
+    with pytest.raises(OwnerNeeded, match="whose"):
+        resolve_owner(AGENT, None, on_topic(closed))
+    both = on_topic(closed, opened("agent:assistant", "search"))
+    assert resolve_owner(AGENT, None, both) == "search"  # the one that is refusing
+    key = manual_change(
+        opened("api_key:k-1", "search"),
+        parse_entity("api_key:k-1"),
+        "close",
+        at=T0 + 1,
+        reason="x",
+        actor="bob",
+        owner="search",
+    )
+    assert resolve_owner(parse_entity("api_key:k-1"), None, on_topic(key)) == "search"  # a key's owner stays known
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_owner_is_refused(blank: str) -> None:
+    with pytest.raises(OwnerNeeded, match="must name a team"):
+        resolve_owner(AGENT, blank, {})
