@@ -183,8 +183,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolve_owner(entity: Entity, owner: str | None, changes: dict[str, BreakerChange]) -> str:
+def resolve_owner(
+    entity: Entity, owner: str | None, changes: dict[str, BreakerChange], *, opening: bool = False
+) -> str:
     """The team a manual change is for: ``owner``, else the team's own, else that of the only breaker on it.
+
+    For an agent or a session, the only breaker that is not closed; when none is, a close (a
+    no-op) takes the only one there is, while an open needs the owner said: a closed breaker,
+    kept for ordering, may be a week old and another team's.
 
     >>> resolve_owner(parse_entity("agent:assistant"), None, {})
     Traceback (most recent call last):
@@ -197,12 +203,11 @@ def resolve_owner(entity: Entity, owner: str | None, changes: dict[str, BreakerC
         return owner.strip()
     if entity.type == "team":
         return entity.id
-    # An agent or session: the team of its only breaker that is not closed (a closed one, kept for
-    # ordering, may be a week old and another team's); an API key: of any breaker it had.
-    scoped = entity.type in TEAM_SCOPED
-    known = sorted(
-        {c.owner for c in changes.values() if c.entity == entity and not (scoped and c.state is BreakerState.CLOSED)}
-    )
+    on_it = [c for c in changes.values() if c.entity == entity]
+    known = sorted({c.owner for c in on_it})
+    if entity.type in TEAM_SCOPED:
+        refusing = sorted({c.owner for c in on_it if c.state is not BreakerState.CLOSED})
+        known = refusing if refusing or opening else known
     if len(known) == 1:
         return known[0]
     if entity.type in TEAM_SCOPED:
@@ -348,10 +353,12 @@ async def _write(k: KafkaSettings, action: Action, change: BreakerChange, at: fl
         await producer.stop()
 
 
-async def _current(k: KafkaSettings, entity: Entity, owner: str | None) -> tuple[BreakerChange | None, str]:
+async def _current(
+    k: KafkaSettings, entity: Entity, owner: str | None, opening: bool
+) -> tuple[BreakerChange | None, str]:
     """The newest change of ``entity``'s breaker and its owner, creating the topics when they are missing."""
     changes = {} if k.breakers_topic in await ensure_topics(k) else (await current_changes(k) or {})
-    owner = resolve_owner(entity, owner, changes)
+    owner = resolve_owner(entity, owner, changes, opening=opening)
     return changes.get(entity_key(entity, owner)), owner
 
 
@@ -371,7 +378,7 @@ async def open_breaker(
     Raises :class:`OwnerNeeded` for an agent or session whose team ``owner`` does not say and
     the topic does not tell.
     """
-    current, owner = await _current(k, entity, owner)
+    current, owner = await _current(k, entity, owner, opening=True)
     at = time.time() if now is None else now
     change = manual_change(
         current, entity, "open", at=at, reason=reason, actor=actor, ttl=ttl, owner=owner, incident_id=incident_id
@@ -384,7 +391,7 @@ async def close_breaker(
     k: KafkaSettings, entity: Entity, reason: str, actor: str, *, owner: str | None = None, now: float | None = None
 ) -> BreakerChange | None:
     """Close ``entity``'s breaker (of team ``owner``) and audit it; None (nothing written) when closed already."""
-    current, owner = await _current(k, entity, owner)
+    current, owner = await _current(k, entity, owner, opening=False)
     if current is None or current.state is BreakerState.CLOSED:
         return None
     at = time.time() if now is None else now

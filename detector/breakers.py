@@ -363,6 +363,22 @@ class BreakerBoard:
         self._set(b, change.state, change.version, at, change.reason, change.actor, change.incident_id, expires)
         return True
 
+    def forget(self, change: BreakerChange) -> bool:
+        """Let go the breaker ``change`` was of, unless the board moved it on since; True if let go.
+
+        For what the breakers topic no longer holds: a tombstone, or a breaker from before breakers
+        were per team that another team's change replaced under its old key (see
+        :class:`~detector.enforce.BreakerTable`).
+        """
+        key = entity_key(change.entity, change.owner)
+        b = self._breakers.get(key)
+        if b is None or b.version > change.version:
+            return False
+        del self._breakers[key]
+        self._active.pop(key, None)
+        self._closed.pop(key, None)
+        return True
+
     # -- internals ---------------------------------------------------------------------------------
 
     def _settle(self, key: str, now: float) -> list[BreakerChange]:

@@ -66,11 +66,17 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+# The owner slot of an agent's or session's breaker read under a key from before breakers were per
+# team (``agent:<id>``, one breaker for every team's agent of that name): it refuses every team.
+ANY_TEAM = ""
+
+
 @dataclass(slots=True)
 class _Entry:
-    """A refusing breaker: its change, and times in epoch seconds."""
+    """A refusing breaker: its change, the topic key it came under, and times in epoch seconds."""
 
     change: BreakerChange
+    key: str
     open_until: float  # open: refuses everything before this (inf: until closed); half-open: -inf
     next_probe: float  # from this time on, one probe request passes
 
@@ -84,13 +90,19 @@ def _entries(
 ) -> tuple[_Entry | None, ...]:
     """A request's refusing entries: its team's and key's, and its agent's and session's of its team.
 
-    A request that names no team gets every team's breaker on its agent and session ids.
+    A request that names no team gets every team's breaker on its agent and session ids; one
+    that does gets its team's and those from before breakers were per team (:data:`ANY_TEAM`).
     """
     entries: tuple[_Entry | None, ...] = (t, k)
     for owners in (a, s):
         if owners is not None:
-            entries += (owners.get(team),) if team is not None else tuple(owners.values())
+            entries += (owners.get(team), owners.get(ANY_TEAM)) if team is not None else tuple(owners.values())
     return entries
+
+
+def _others(owners: dict[str, _Entry] | None, team: str) -> bool:
+    """Whether none of these breakers on an agent or session id is ``team``'s (or of every team)."""
+    return owners is None or (team not in owners and ANY_TEAM not in owners)
 
 
 class BreakerTable:
@@ -106,6 +118,13 @@ class BreakerTable:
     sessions, and two may pick the same name): it refuses a request that names that team. A
     request that names no team is refused by the breakers of every team on its agent or
     session id, as the table cannot tell whose it is: gateways should pass the team.
+
+    Changes are kept by their topic key, as compaction keeps them. A change read under a key
+    from before breakers were per team (``agent:<id>``, not ``agent:<owner>/<id>``) is that
+    id's one breaker, as it was then: it refuses every team, the newest change under that key
+    replaces the one before whatever its owner, and it is let go once its owner writes a newer
+    change under the new key (the alerter's board carries it on there) or its key's tombstone
+    comes. What the table let go for either reason is in :attr:`dropped` until taken.
     """
 
     def __init__(self, probe_interval: float = 30.0, retry_after_unknown: int = 60, max_closed: int = 100_000) -> None:
@@ -116,7 +135,8 @@ class BreakerTable:
         self.max_closed = max_closed
         self.applied = 0
         self.ignored = 0
-        self._latest: dict[str, BreakerChange] = {}  # topic key (entity_key) -> newest change
+        self.dropped: list[BreakerChange] = []  # let go by a tombstone or a successor (see above)
+        self._latest: dict[str, BreakerChange] = {}  # topic key -> newest change under it
         self._closed: OrderedDict[str, None] = OrderedDict()
         # The refusing breakers: team and api_key by id; agent and session by id, then owner team.
         self._team: dict[str, _Entry] = {}
@@ -128,18 +148,34 @@ class BreakerTable:
 
     # -- updates ---------------------------------------------------------------------------------
 
-    def apply(self, change: BreakerChange) -> bool:
-        """Take ``change`` if it is newer than what the table has for its entity; True if taken."""
+    def apply(self, change: BreakerChange, key: str | None = None) -> bool:
+        """Take ``change``, read under topic key ``key`` (default: its own), if newer than what that key had.
+
+        True if taken.
+        """
         kind = change.entity.type
-        key = change_key(change)
+        own = change_key(change)
+        key = own if key is None or kind not in TEAM_SCOPED else key  # only agents and sessions changed keys
         old = self._latest.get(key)
         if kind not in BREAKER_ENTITY_TYPES or (old is not None and change.version <= old.version):
             self.ignored += 1
             return False
+        legacy = key != own and kind in TEAM_SCOPED
+        if legacy and (succ := self._latest.get(own)) is not None and succ.version >= change.version:
+            self.ignored += 1  # its owner's newer change under the new key came first (another partition)
+            return False
         self.applied += 1
+        previous = None
+        if old is not None:
+            refusing, slot = self._slot(old, key)
+            previous = refusing.get(slot) if refusing is not None else None
+            self._unrefuse(old, key)
+            if change_key(old) != own:  # under a key from before teams, another team's breaker took its place
+                self.dropped.append(old)
         self._latest[key] = change
+        if not legacy and kind in TEAM_SCOPED:
+            self._supersede(change)
         if change.state is CLOSED:
-            self._unrefuse(change)
             self._closed[key] = None
             self._closed.move_to_end(key)
             while len(self._closed) > self.max_closed:
@@ -147,38 +183,36 @@ class BreakerTable:
             return True
         self._closed.pop(key, None)
         at = change.changed_at.timestamp()
-        refusing, slot = self._slot(change, create=True)
+        refusing, slot = self._slot(change, key, create=True)
         assert refusing is not None
-        previous = refusing.get(slot)
         if change.state is OPEN:
             until = change.expires_at.timestamp() if change.expires_at is not None else math.inf
-            entry = _Entry(change, open_until=until, next_probe=until)
+            entry = _Entry(change, key, open_until=until, next_probe=until)
         else:
-            entry = _Entry(change, open_until=-math.inf, next_probe=at)
-        if previous is not None and previous.open_until <= at:
+            entry = _Entry(change, key, open_until=-math.inf, next_probe=at)
+        if previous is not None and previous.key == key and previous.open_until <= at:
             # An expired open entry may have let a probe through already: the half-open change keeps its slot.
             entry.next_probe = max(entry.next_probe, previous.next_probe)
         refusing[slot] = entry
         return True
 
     def forget(self, key: str) -> None:
-        """Drop an entity (a tombstone of its topic key, :func:`~detector.breakers.entity_key`).
-
-        A key from before agents and sessions were kept per team (``agent:<id>``) that the table
-        does not hold drops that id's breakers of every team.
-        """
+        """Drop what topic key ``key`` held (its tombstone); a key the table does not hold changes nothing."""
         self._closed.pop(key, None)
         change = self._latest.pop(key, None)
         if change is not None:
-            self._unrefuse(change)
-            return
-        kind, _, ident = key.partition(":")
-        by_id = self._scoped.get(kind)
-        for entry in list((by_id or {}).get(ident, {}).values()):
-            self.forget(change_key(entry.change))
+            self._unrefuse(change, key)
+            self.dropped.append(change)
 
-    def _slot(self, change: BreakerChange, create: bool = False) -> tuple[dict[str, _Entry] | None, str]:
-        """The dict that holds ``change``'s refusing entry, and its key there."""
+    def _supersede(self, change: BreakerChange) -> None:
+        """A per-team change lets go the breaker its owner had on that id from before (see the class)."""
+        owners = self._scoped[change.entity.type].get(change.entity.id)
+        entry = owners.get(ANY_TEAM) if owners is not None else None
+        if entry is not None and entry.change.owner == change.owner and entry.change.version < change.version:
+            self.forget(entry.key)
+
+    def _slot(self, change: BreakerChange, key: str, create: bool = False) -> tuple[dict[str, _Entry] | None, str]:
+        """The dict that holds the refusing entry of ``change`` read under ``key``, and its key there."""
         kind, ident = change.entity.type, change.entity.id
         by_id = self._scoped.get(kind)
         if by_id is None:
@@ -186,12 +220,25 @@ class BreakerTable:
         owners = by_id.get(ident)
         if owners is None and create:
             owners = by_id[ident] = {}
-        return owners, change.owner
+        return owners, change.owner if key == change_key(change) else ANY_TEAM
 
-    def _unrefuse(self, change: BreakerChange) -> None:
-        refusing, slot = self._slot(change)
+    def _entry(self, change: BreakerChange) -> _Entry | None:
+        """The refusing entry that holds ``change`` (under whichever key it was read)."""
+        kind, ident = change.entity.type, change.entity.id
+        by_id = self._scoped.get(kind)
+        if by_id is None:
+            refusing = self._global.get(kind)
+            entry = refusing.get(ident) if refusing is not None else None
+            return entry if entry is not None and entry.change is change else None
+        return next((e for e in (by_id.get(ident) or {}).values() if e.change is change), None)
+
+    def _unrefuse(self, change: BreakerChange, key: str) -> None:
+        """Stop refusing on what ``key`` held."""
+        refusing, slot = self._slot(change, key)
         if refusing is not None:
-            refusing.pop(slot, None)
+            entry = refusing.get(slot)
+            if entry is not None and entry.key == key:
+                del refusing[slot]
             if not refusing and change.entity.type in TEAM_SCOPED:
                 del self._scoped[change.entity.type][change.entity.id]
 
@@ -211,8 +258,11 @@ class BreakerTable:
         a = self._agent.get(agent) if agent is not None else None
         s = self._session.get(session) if session is not None else None
         t = self._team.get(team) if team is not None else None
-        if k is None and a is None and s is None and t is None:
-            return True
+        if k is None and t is None:
+            if a is None and s is None:
+                return True
+            if team is not None and _others(a, team) and _others(s, team):  # only other teams' breakers
+                return True
         return self._decide(_entries(t, k, a, s, team), now, take_probe=True) is None
 
     def check(
@@ -228,8 +278,11 @@ class BreakerTable:
         a = self._agent.get(agent) if agent is not None else None
         s = self._session.get(session) if session is not None else None
         t = self._team.get(team) if team is not None else None
-        if k is None and a is None and s is None and t is None:
-            return None
+        if k is None and t is None:
+            if a is None and s is None:
+                return None
+            if team is not None and _others(a, team) and _others(s, team):  # only other teams' breakers
+                return None
         return self._decide(_entries(t, k, a, s, team), now, take_probe=True)
 
     def why(
@@ -266,8 +319,7 @@ class BreakerTable:
         """Whole seconds until ``change``'s breaker may let a request through (``Retry-After``)."""
         if now is None:
             now = time.time()
-        refusing, slot = self._slot(change)
-        entry = refusing.get(slot) if refusing is not None else None
+        entry = self._entry(change)
         if entry is None:
             return 1
         at = entry.open_until if now < entry.open_until else entry.next_probe
@@ -340,8 +392,10 @@ class BreakerFollower:
     it). ``await follower.ready`` resolves once every partition was read up to the end offsets
     seen when the partitions were assigned, and raises if the follower failed for good first.
     A record that is not a valid :class:`BreakerChange` is logged and skipped; a tombstone
-    (null value) forgets its entity. Transient broker errors are retried; the table keeps its
-    last state meanwhile. Partitions added to the topic after start are not picked up.
+    (null value) forgets what its key held. Records are applied under their own keys (see
+    :class:`BreakerTable` for keys from before breakers were per team). Transient broker errors
+    are retried; the table keeps its last state meanwhile. Partitions added to the topic after
+    start are not picked up.
 
     Security settings are aiokafka's own arguments (``security_protocol``, ``ssl_context``,
     ``sasl_mechanism``, ``sasl_plain_username``, ``sasl_plain_password``).
@@ -361,6 +415,7 @@ class BreakerFollower:
         client_id: str = "stormwatch-breakers",
         poll_seconds: float = 0.5,
         on_change: Callable[[BreakerChange], None] | None = None,
+        on_drop: Callable[[BreakerChange], None] | None = None,
     ) -> None:
         if isinstance(bootstrap_servers, str):
             bootstrap_servers = bootstrap_servers.split(",")
@@ -369,6 +424,7 @@ class BreakerFollower:
         self.bootstrap_servers = [s.strip().removeprefix("kafka://") for s in bootstrap_servers if s.strip()]
         self.poll_seconds = poll_seconds
         self.on_change = on_change  # also told of every valid change read (e.g. a dashboard's view)
+        self.on_drop = on_drop  # and of every change the table let go (see BreakerTable)
         self.records = 0  # records read
         self.rejected = 0  # records that were not a valid BreakerChange
         self._client_options: dict[str, Any] = {
@@ -487,9 +543,11 @@ class BreakerFollower:
 
     def _apply(self, record: Any) -> None:
         self.records += 1
+        key = record.key.decode(errors="replace") if record.key is not None else None
         if record.value is None:
-            if record.key is not None:
-                self.table.forget(record.key.decode(errors="replace"))
+            if key is not None:
+                self.table.forget(key)
+                self._dropped()
             return
         try:
             change = BreakerChange.model_validate_json(record.value)
@@ -503,12 +561,25 @@ class BreakerFollower:
                 str(error).splitlines()[0],
             )
             return
-        self.table.apply(change)
+        self.table.apply(change, key)
         if self.on_change is not None:
             try:
                 self.on_change(change)
             except Exception:  # the listener's bug or its full disk must not stop the table following
                 log.exception("breaker follower: on_change failed on %s v%d", change.entity, change.version)
+        self._dropped()
+
+    def _dropped(self) -> None:
+        """Tell ``on_drop`` what the table let go (a tombstone; a breaker from before teams, superseded)."""
+        dropped, self.table.dropped = self.table.dropped, []
+        on_drop = self.on_drop
+        if on_drop is None:
+            return
+        for change in dropped:
+            try:
+                on_drop(change)
+            except Exception:
+                log.exception("breaker follower: on_drop failed on %s v%d", change.entity, change.version)
 
 
 # -- the middleware ----------------------------------------------------------------------------
@@ -518,7 +589,7 @@ class BreakerMiddleware:
     """Pure ASGI middleware: refuses requests whose entities have a breaker open, with HTTP 429.
 
     The entities come from request headers (names are case-insensitive). A refused HTTP
-    request gets ``{"error": "circuit_open", "entity", "state", "reason", "incident_id",
+    request gets ``{"error": "circuit_open", "entity", "owner", "state", "reason", "incident_id",
     "retry_after"}`` and a ``Retry-After`` header; a refused websocket is closed with code 1008
     before it is accepted. Everything else (lifespan too) goes to ``app`` untouched.
     """
@@ -550,7 +621,10 @@ class BreakerMiddleware:
         for name, value in scope.get("headers") or ():
             i = slots.get(name)
             if i is not None and value:
-                ids[i] = value.decode("latin-1")
+                try:
+                    ids[i] = value.decode()  # team names and ids are UTF-8 ("équipe")
+                except UnicodeDecodeError:
+                    ids[i] = value.decode("latin-1")
         now = time.time()
         refusal = self.table.check(api_key=ids[0], agent=ids[1], session=ids[2], team=ids[3], now=now)
         if refusal is None:
@@ -564,6 +638,7 @@ class BreakerMiddleware:
             {
                 "error": "circuit_open",
                 "entity": f"{refusal.entity.type}:{refusal.entity.id}",
+                "owner": refusal.owner,
                 "state": refusal.state.value,
                 "reason": refusal.reason,
                 "incident_id": refusal.incident_id,

@@ -137,6 +137,12 @@ class Alerter:
             log.info("alerter: breaker %s %s by %s", change_key(change), change.state.value, change.actor)
             self.dispatcher.relay(change)
 
+    def _drop(self, change: BreakerChange) -> None:
+        """A breaker the breakers topic no longer holds (a tombstone, a breaker from before teams replaced)."""
+        if self.dispatcher.responder.board.forget(change):
+            self._changed = True
+            log.info("alerter: breaker %s v%d let go: the topic no longer holds it", change_key(change), change.version)
+
     def _save(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_bytes(pickle.dumps(self.dispatcher.responder))
@@ -160,6 +166,7 @@ class Alerter:
             k.breakers_topic,
             client_id=f"{k.group_id}.alerter-breakers",
             on_change=self._adopt,
+            on_drop=self._drop,
             **aiokafka_security(k),
         )
         await self.follower.start()

@@ -293,18 +293,35 @@ class Responder:
             return []
         seconds = feedback.silence_seconds or self.alerting.silence_seconds
         team = self._team_of(feedback)
-        pattern = (feedback.kind.value, pattern_key(feedback.entity, team))
-        self.silences[pattern] = now + seconds
-        ratio = self.ratios.get(feedback.incident_id)
-        if feedback.label is FeedbackLabel.FALSE_ALARM and ratio is not None:
-            a = self.alerting
-            self.tolerance[pattern] = (ratio * a.tolerance_factor, now + a.tolerance_seconds)
+        if team is not None or feedback.entity.type not in SCOPED:
+            pattern = (feedback.kind.value, pattern_key(feedback.entity, team))
+            self.silences[pattern] = now + seconds
+            ratio = self.ratios.get(feedback.incident_id)
+            if feedback.label is FeedbackLabel.FALSE_ALARM and ratio is not None:
+                a = self.alerting
+                self.tolerance[pattern] = (ratio * a.tolerance_factor, now + a.tolerance_seconds)
+        # else: whose user, agent or session is it? Not known (a label from before labels carried the
+        # team, of an incident forgotten since): no silence, lest another team's of that name be silenced.
         breaker = self.board.get(feedback.entity, team) if team is not None else None
+        if breaker is None or breaker.state is BreakerState.CLOSED:
+            breaker = self._incident_breaker(feedback)
         if breaker is None or breaker.state is BreakerState.CLOSED or feedback.entity.type not in BREAKABLE:
             return []
         note = f": {feedback.note}" if feedback.note else ""
         reason = f"labelled {feedback.label.value} by {feedback.actor}{note}"
         return self.board.close(feedback.entity, now, owner=breaker.owner, reason=reason, actor=feedback.actor)
+
+    def _incident_breaker(self, feedback: IncidentFeedback) -> Breaker | None:
+        """The open breaker on the labelled entity that the labelled incident tripped, whoever owns it.
+
+        A breaker tripped before breakers were per team is owned by the team its alert was routed
+        to (the default owner, for a team with no routing of its own), not by the label's team.
+        """
+        for owner in self.board.owners(feedback.entity):
+            b = self.board.get(feedback.entity, owner)
+            if b is not None and b.state is not BreakerState.CLOSED and b.incident_id == feedback.incident_id:
+                return b
+        return None
 
     def _team_of(self, feedback: IncidentFeedback) -> str | None:
         """The labelled entity's team: the label's own, else the incident's, else the only breaker's on it."""

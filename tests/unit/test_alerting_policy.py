@@ -757,3 +757,54 @@ def test_a_labelled_incident_still_closes_its_slack_thread_and_a_silenced_one_po
         return stored
 
     assert asyncio.run(scenario()) == ["inc-1-0", "inc-1-1"]
+
+
+# -- labels and breakers from before breakers were per team ----------------------------------------
+
+
+def test_a_label_whose_team_is_unknown_silences_no_team() -> None:
+    user = Entity(type="user", id="ana")
+    r = Responder(settings())
+    r.owners.clear()  # the incident is forgotten, and the label (an older client's) names no team
+    r.apply_feedback(feedback("planned", entity=user, kind="cost_spike"), T0 + 120)
+    assert r.silences == {} and r.tolerance == {}
+    again = r.decide(make_alert(kind="cost_spike", entity=user, owner="search", incident="inc-2"), T0 + 200)
+    assert not again.silenced
+
+
+def test_a_label_closes_the_breaker_its_incident_tripped_whoever_owns_it() -> None:
+    """Tripped before breakers were per team, a breaker of an unconfigured team's agent is the default owner's."""
+    from detector.breakers import make_change
+
+    agent = Entity(type="agent", id="assistant")
+    r = Responder(settings())
+    old = make_change(
+        agent,
+        owner="platform",
+        state=BreakerState.OPEN,
+        previous=None,
+        at=T0,
+        reason="loop",
+        actor="stormwatch",
+        expires_at=None,
+        incident_id="inc-1",
+    )
+    assert r.board.apply(old)
+    closed = r.apply_feedback(feedback("false_alarm", entity=agent, kind="agent_loop", team="growth"), T0 + 120)
+    assert [(c.owner, c.state.value) for c in closed] == [("platform", "closed")]
+    other = make_change(
+        agent,
+        owner="ads",
+        state=BreakerState.OPEN,
+        previous=None,
+        at=T0,
+        reason="loop",
+        actor="stormwatch",
+        expires_at=None,
+        incident_id="inc-9",
+    )
+    r.board.apply(other)
+    assert (
+        r.apply_feedback(feedback("false_alarm", fid="fb-2", entity=agent, kind="agent_loop", team="growth"), T0 + 130)
+        == []
+    )  # ads' breaker is another incident's

@@ -259,3 +259,27 @@ def test_a_board_pickled_before_agents_were_per_team_is_keyed_again() -> None:
     (closed,) = restored.close(S1, T0 + 5, owner="search", reason="fixed", actor="ana")
     assert closed.state is CLOSED
     assert {c.entity for c in restored.advance(T0 + 10_000)} == {K1}  # s-1, closed by hand, stays closed
+
+
+def test_a_board_following_the_topic_drops_what_the_topic_no_longer_holds() -> None:
+    """The alerter's wiring: history under a key from before teams, then a tombstone of a per-team key."""
+    from detector.enforce import BreakerFollower, BreakerTable
+    from tests.unit.test_enforce import Record
+
+    board = BreakerBoard()
+    follower = BreakerFollower(BreakerTable(), "127.0.0.1:1", on_change=board.apply, on_drop=board.forget)
+    agent = Entity(type="agent", id="assistant")
+    opened = make_change(agent, owner="search", state=OPEN, previous=None, at=T0, reason="loop", actor="ana")
+    by_ads = make_change(
+        agent, owner="ads", state=OPEN, previous=opened, at=T0 + 60, reason="x", actor="bob", expires_at=T0 + 1860
+    )
+    closed = make_change(agent, owner="ads", state=CLOSED, previous=by_ads, at=T0 + 120, reason="fixed", actor="bob")
+    for c in (opened, by_ads, closed):  # one key, "agent:assistant", as an older alerter wrote them
+        follower._apply(Record(b"agent:assistant", c.model_dump_json().encode()))
+    assert board.active() == [] and board.owners(agent) == ["ads"]  # the close closed the one breaker
+    key = make_change(
+        Entity(type="api_key", id="k"), owner="search", state=OPEN, previous=None, at=T0, reason="storm", actor="ana"
+    )
+    follower._apply(Record(b"api_key:k", key.model_dump_json().encode()))
+    follower._apply(Record(b"api_key:k", None))
+    assert board.active() == []

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from detector.breakers import make_change
+from detector.breakers import change_key, make_change
 from detector.enforce import BreakerFollower, BreakerMiddleware, BreakerTable, Message, Scope, bench_allowed
 from detector.events import BreakerChange, BreakerState, Entity
 from tests.conftest import T0
@@ -96,14 +96,66 @@ def test_an_agent_or_session_breaker_refuses_its_own_team_only(kind: str) -> Non
     assert table.allowed(**{kind: "assistant"}, now=T0 + 3) and len(table) == 0
 
 
-def test_a_tombstone_of_a_key_from_before_teams_drops_that_id_of_every_team() -> None:
+def test_a_tombstone_drops_exactly_what_its_key_held() -> None:
     table = BreakerTable()
-    for team in ("search", "ads"):
-        table.apply(change("agent:a", OPEN, owner=team))
-    table.apply(change("agent:b", OPEN, owner="ads"))
-    table.forget("agent:a")  # written as "agent:<id>" by an older alerter
-    assert table.allowed(agent="a", now=T0 + 1) and not table.allowed(agent="b", team="ads", now=T0 + 1)
-    assert len(table) == 1
+    table.apply(change("agent:search/assistant", OPEN, owner="ads"))  # ads' agent "search/assistant"
+    table.apply(change("agent:assistant", OPEN, owner="search"))
+    table.forget("agent:search/assistant")  # the tombstone of search's "assistant", not of ads' agent
+    table.forget("agent:nobody")  # a key it never held: nothing
+    assert not table.allowed(agent="search/assistant", team="ads", now=T0 + 1)
+    assert table.allowed(agent="assistant", team="search", now=T0 + 1)
+    assert [c.owner for c in table.dropped] == ["search"]
+
+
+# A record of the breakers topic from before breakers were per team: key "agent:<id>", one breaker
+# for every team's agent of that name, whose owner was whoever tripped or changed it last.
+
+
+def test_a_breaker_from_before_teams_refuses_every_team_until_its_owner_writes_under_the_new_key() -> None:
+    table = BreakerTable()
+    legacy = change("agent:assistant", OPEN, owner="platform", ttl=None)  # tripped for growth, owned by default
+    assert table.apply(legacy, key="agent:assistant")
+    assert not table.allowed(agent="assistant", team="growth", now=T0 + 60)
+    assert not table.allowed(agent="assistant", team="platform", now=T0 + 60)
+    assert not table.allowed(agent="assistant", now=T0 + 60)
+    table.apply(change("agent:assistant", OPEN, owner="ads", at=T0 + 10))  # another team's own: not its successor
+    assert not table.allowed(agent="assistant", team="growth", now=T0 + 60)
+    closed = change("agent:assistant", CLOSED, owner="platform", at=T0 + 120)  # the alerter's board, carrying it on
+    assert table.apply(closed)
+    assert table.allowed(agent="assistant", team="growth", now=T0 + 121)
+    assert not table.allowed(agent="assistant", team="ads", now=T0 + 121)
+    assert table.get("agent:assistant") is None and table.dropped == [legacy]
+    assert not table.apply(legacy, key="agent:assistant")  # read again, after its successor: ignored
+
+
+def test_under_a_key_from_before_teams_the_newest_change_replaces_the_last_whoever_owns_it() -> None:
+    table = BreakerTable()
+    history = [
+        change("agent:assistant", OPEN, owner="search", ttl=None),
+        change("agent:assistant", OPEN, owner="ads", at=T0 + 60, ttl=1800),
+        change("agent:assistant", CLOSED, owner="ads", at=T0 + 120),
+    ]
+    for c in history:
+        assert table.apply(c, key="agent:assistant")
+    assert table.allowed(agent="assistant", team="search", now=T0 + 7 * 86400)  # the close closed the one breaker
+    assert len(table) == 0 and table.get("agent:assistant") == history[-1]
+
+
+def test_a_tombstone_of_a_key_from_before_teams_leaves_the_breakers_written_since() -> None:
+    table = BreakerTable()
+    table.apply(change("agent:assistant", OPEN, owner="search"), key="agent:assistant")
+    table.apply(change("agent:assistant", OPEN, owner="ads", at=T0 + 3600))
+    table.forget("agent:assistant")
+    assert table.allowed(agent="assistant", team="search", now=T0 + 3601)
+    assert not table.allowed(agent="assistant", team="ads", now=T0 + 3601) and len(table) == 1
+
+
+def test_a_request_of_another_team_is_answered_without_deciding() -> None:
+    table = BreakerTable()
+    table.apply(change("agent:assistant", OPEN, owner="search"))
+    calls: list[object] = []
+    table._decide = lambda *args: calls.append(args)  # type: ignore[method-assign]
+    assert table.allowed(agent="assistant", team="ads", now=T0 + 1) and calls == []
 
 
 def test_open_refuses_until_expiry_then_lets_one_probe_through_per_interval() -> None:
@@ -171,7 +223,7 @@ def test_retry_after() -> None:
 def test_tombstones_unknown_entity_types_and_the_closed_bound() -> None:
     table = BreakerTable(max_closed=3)
     table.apply(change("session:s", OPEN))
-    table.forget("session:s")
+    table.forget("session:search/s")
     assert table.allowed(session="s", now=T0 + 1) and table.get("session:s") is None
     user = change("session:u", OPEN).model_copy(update={"entity": Entity(type="user", id="u")})
     assert not table.apply(user)
@@ -248,6 +300,7 @@ def test_middleware_refuses_with_429_json_and_retry_after_and_passes_the_rest() 
     assert refused.json() == {
         "error": "circuit_open",
         "entity": "session:s-bad",
+        "owner": "search",
         "state": "open",
         "reason": "agent loop",
         "incident_id": "inc-9",
@@ -275,6 +328,15 @@ def test_middleware_reads_each_configured_header() -> None:
     assert response(asyncio.run(call(app, {"x-session-id": "bad"}))).status == 200  # not a configured header
     with pytest.raises(ValueError, match="different names"):
         BreakerMiddleware(echo_app, table, api_key_header="x-team")
+
+
+def test_middleware_reads_headers_as_utf8() -> None:
+    table = BreakerTable()
+    table.apply(change("agent:assistant", OPEN, at=time.time(), owner="équipe"))
+    app = BreakerMiddleware(echo_app, table)
+    refused = response(asyncio.run(call(app, {"x-agent-id": "assistant", "x-team": "équipe"})))
+    assert refused.status == 429 and refused.json()["owner"] == "équipe"
+    assert response(asyncio.run(call(app, {"x-agent-id": "assistant", "x-team": "ads"}))).status == 200
 
 
 def test_middleware_closes_a_refused_websocket() -> None:
@@ -311,6 +373,21 @@ def test_follower_applies_changes_skips_bad_records_and_forgets_on_tombstones() 
     assert table.get("session:search/s") is None and follower.records == 4
 
 
+def test_the_follower_applies_records_under_their_keys_and_tells_what_the_table_let_go() -> None:
+    dropped: list[tuple[str, str]] = []
+    table = BreakerTable()
+    follower = BreakerFollower(table, "127.0.0.1:1", on_drop=lambda c: dropped.append((c.owner, c.state.value)))
+    legacy = [change("agent:assistant", OPEN, owner="search", ttl=None), change("agent:x", OPEN)]
+    for c in legacy:  # written by an alerter from before breakers were per team
+        follower._apply(Record(f"agent:{c.entity.id}".encode(), c.model_dump_json().encode()))
+    assert not table.allowed(agent="assistant", team="ads", now=T0 + 1)  # as then: every team's
+    follower._apply(Record(b"agent:x", None))
+    successor = change("agent:assistant", CLOSED, owner="search", at=T0 + 60)
+    follower._apply(Record(change_key(successor).encode(), successor.model_dump_json().encode()))
+    assert table.allowed(agent="assistant", now=T0 + 61) and len(table) == 0
+    assert dropped == [("search", "open"), ("search", "open")]
+
+
 def test_a_listener_that_fails_does_not_stop_the_follower() -> None:
     """The alerter's listener writes to its outbox; a locked file must not end the table's following."""
     seen: list[str] = []
@@ -323,6 +400,7 @@ def test_a_listener_that_fails_does_not_stop_the_follower() -> None:
     table = BreakerTable()
     follower = BreakerFollower(table, "127.0.0.1:1", on_change=listener)
     for key in ("session:bad", "session:next"):
-        follower._apply(Record(key.encode(), change(key, OPEN).model_dump_json().encode()))
+        c = change(key, OPEN)
+        follower._apply(Record(change_key(c).encode(), c.model_dump_json().encode()))
     assert seen == ["bad", "next"]
     assert table.get("session:search/bad") is not None and table.get("session:search/next") is not None
