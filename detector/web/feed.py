@@ -69,6 +69,9 @@ class Feed:
     def observe_breaker(self, change: BreakerChange) -> None:
         self.view.observe_breaker(change)  # the metrics read breaker states from the view
 
+    def drop_breaker(self, change: BreakerChange) -> None:
+        self.view.drop_breaker(change)
+
     def observe_feedback(self, feedback: IncidentFeedback) -> None:
         self.view.observe_feedback(feedback)
 

@@ -290,6 +290,17 @@ class LiveView:
             self.version += 1
         self._notify("breakers")
 
+    def drop_breaker(self, change: BreakerChange) -> None:
+        """A breaker the breakers topic no longer holds (a tombstone; one from before teams, replaced)."""
+        key = change_key(change)
+        with self._lock:
+            current = self._breakers.get(key)
+            if current is None or current.version > change.version:
+                return
+            del self._breakers[key]
+            self.version += 1
+        self._notify("breakers")
+
     def observe_reject(self, reason: str) -> None:
         """A message that was not a valid event, with the shell's one-line reason."""
         notify = False

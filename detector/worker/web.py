@@ -80,6 +80,7 @@ class WorkerWeb(mode.Service):
             topic=k.breakers_topic,
             client_id=f"{k.group_id}-web-breakers",
             on_change=self.feed.observe_breaker,
+            on_drop=self.feed.drop_breaker,
             **client_options(k),
         )
         await self.follower.start()

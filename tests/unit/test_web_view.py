@@ -215,6 +215,15 @@ def test_users_agents_and_sessions_are_each_teams_own() -> None:
     ]
 
 
+def test_a_breaker_the_topic_no_longer_holds_leaves_the_view_unless_it_moved_on() -> None:
+    view = LiveView()
+    view.observe_breaker(make_change("agent:a", "open", 1, owner="search"))
+    view.observe_breaker(make_change("agent:a", "open", 3, owner="ads"))
+    view.drop_breaker(make_change("agent:a", "open", 1, owner="search"))
+    view.drop_breaker(make_change("agent:a", "open", 2, owner="ads"))  # ads' has moved on since: kept
+    assert [(b["owner"], b["state"]) for b in view.breakers()] == [("ads", "open")]
+
+
 def test_an_entity_known_only_by_its_breaker_has_the_breakers_owner() -> None:
     view = LiveView()
     view.observe_breaker(make_change("agent:a9", "open", 1, owner="ads"))
