@@ -37,7 +37,7 @@ import logging
 import math
 import ssl
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +69,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # The owner slot of an agent's or session's breaker read under a key from before breakers were per
 # team (``agent:<id>``, one breaker for every team's agent of that name): it refuses every team.
 ANY_TEAM = ""
+MAX_DROPPED = 1000
 
 
 @dataclass(slots=True)
@@ -135,7 +136,8 @@ class BreakerTable:
         self.max_closed = max_closed
         self.applied = 0
         self.ignored = 0
-        self.dropped: list[BreakerChange] = []  # let go by a tombstone or a successor (see above)
+        # Let go by a tombstone or a successor (see above): the newest few, so a table no follower drains stays small.
+        self.dropped: deque[BreakerChange] = deque(maxlen=MAX_DROPPED)
         self._latest: dict[str, BreakerChange] = {}  # topic key -> newest change under it
         self._closed: OrderedDict[str, None] = OrderedDict()
         # The refusing breakers: team and api_key by id; agent and session by id, then owner team.
@@ -571,7 +573,8 @@ class BreakerFollower:
 
     def _dropped(self) -> None:
         """Tell ``on_drop`` what the table let go (a tombstone; a breaker from before teams, superseded)."""
-        dropped, self.table.dropped = self.table.dropped, []
+        dropped = list(self.table.dropped)
+        self.table.dropped.clear()
         on_drop = self.on_drop
         if on_drop is None:
             return

@@ -124,7 +124,7 @@ def test_a_breaker_from_before_teams_refuses_every_team_until_its_owner_writes_u
     assert table.apply(closed)
     assert table.allowed(agent="assistant", team="growth", now=T0 + 121)
     assert not table.allowed(agent="assistant", team="ads", now=T0 + 121)
-    assert table.get("agent:assistant") is None and table.dropped == [legacy]
+    assert table.get("agent:assistant") is None and list(table.dropped) == [legacy]
     assert not table.apply(legacy, key="agent:assistant")  # read again, after its successor: ignored
 
 
@@ -404,3 +404,14 @@ def test_a_listener_that_fails_does_not_stop_the_follower() -> None:
         follower._apply(Record(change_key(c).encode(), c.model_dump_json().encode()))
     assert seen == ["bad", "next"]
     assert table.get("session:search/bad") is not None and table.get("session:search/next") is not None
+
+
+def test_what_a_table_alone_lets_go_stays_bounded() -> None:
+    from detector.enforce import MAX_DROPPED
+
+    table = BreakerTable()
+    for i in range(MAX_DROPPED + 10):
+        c = change(f"api_key:k{i}", OPEN)
+        table.apply(c)
+        table.forget(change_key(c))
+    assert len(table.dropped) == MAX_DROPPED and table.dropped[-1].entity.id == f"k{MAX_DROPPED + 9}"
