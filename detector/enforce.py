@@ -68,7 +68,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # The owner slot of an agent's or session's breaker read under a key from before breakers were per
 # team (``agent:<id>``, one breaker for every team's agent of that name): it refuses every team.
-ANY_TEAM = ""
+ANY_TEAM = None  # no team's name: a team named "" (an --owner once let through blank) is not every team
 MAX_DROPPED = 1000
 
 
@@ -85,8 +85,8 @@ class _Entry:
 def _entries(
     t: _Entry | None,
     k: _Entry | None,
-    a: dict[str, _Entry] | None,
-    s: dict[str, _Entry] | None,
+    a: dict[str | None, _Entry] | None,
+    s: dict[str | None, _Entry] | None,
     team: str | None,
 ) -> tuple[_Entry | None, ...]:
     """A request's refusing entries: its team's and key's, and its agent's and session's of its team.
@@ -101,7 +101,7 @@ def _entries(
     return entries
 
 
-def _others(owners: dict[str, _Entry] | None, team: str) -> bool:
+def _others(owners: dict[str | None, _Entry] | None, team: str) -> bool:
     """Whether none of these breakers on an agent or session id is ``team``'s (or of every team)."""
     return owners is None or (team not in owners and ANY_TEAM not in owners)
 
@@ -143,8 +143,8 @@ class BreakerTable:
         # The refusing breakers: team and api_key by id; agent and session by id, then owner team.
         self._team: dict[str, _Entry] = {}
         self._api_key: dict[str, _Entry] = {}
-        self._agent: dict[str, dict[str, _Entry]] = {}
-        self._session: dict[str, dict[str, _Entry]] = {}
+        self._agent: dict[str, dict[str | None, _Entry]] = {}
+        self._session: dict[str, dict[str | None, _Entry]] = {}
         self._global = {"team": self._team, "api_key": self._api_key}
         self._scoped = {"agent": self._agent, "session": self._session}
 
@@ -162,21 +162,19 @@ class BreakerTable:
         if kind not in BREAKER_ENTITY_TYPES or (old is not None and change.version <= old.version):
             self.ignored += 1
             return False
-        legacy = key != own and kind in TEAM_SCOPED
+        legacy = key != own
         if legacy and (succ := self._latest.get(own)) is not None and succ.version >= change.version:
             self.ignored += 1  # its owner's newer change under the new key came first (another partition)
             return False
         self.applied += 1
-        previous = None
+        previous = None  # the entry this change takes over from: its probe times carry on
         if old is not None:
-            refusing, slot = self._slot(old, key)
-            previous = refusing.get(slot) if refusing is not None else None
-            self._unrefuse(old, key)
+            previous = self._unrefuse(old, key)
             if change_key(old) != own:  # under a key from before teams, another team's breaker took its place
                 self.dropped.append(old)
         self._latest[key] = change
         if not legacy and kind in TEAM_SCOPED:
-            self._supersede(change)
+            previous = self._supersede(change) or previous
         if change.state is CLOSED:
             self._closed[key] = None
             self._closed.move_to_end(key)
@@ -192,7 +190,7 @@ class BreakerTable:
             entry = _Entry(change, key, open_until=until, next_probe=until)
         else:
             entry = _Entry(change, key, open_until=-math.inf, next_probe=at)
-        if previous is not None and previous.key == key and previous.open_until <= at:
+        if previous is not None and previous.open_until <= at:
             # An expired open entry may have let a probe through already: the half-open change keeps its slot.
             entry.next_probe = max(entry.next_probe, previous.next_probe)
         refusing[slot] = entry
@@ -206,14 +204,18 @@ class BreakerTable:
             self._unrefuse(change, key)
             self.dropped.append(change)
 
-    def _supersede(self, change: BreakerChange) -> None:
+    def _supersede(self, change: BreakerChange) -> _Entry | None:
         """A per-team change lets go the breaker its owner had on that id from before (see the class)."""
         owners = self._scoped[change.entity.type].get(change.entity.id)
         entry = owners.get(ANY_TEAM) if owners is not None else None
-        if entry is not None and entry.change.owner == change.owner and entry.change.version < change.version:
-            self.forget(entry.key)
+        if entry is None or entry.change.owner != change.owner or entry.change.version >= change.version:
+            return None
+        self.forget(entry.key)
+        return entry
 
-    def _slot(self, change: BreakerChange, key: str, create: bool = False) -> tuple[dict[str, _Entry] | None, str]:
+    def _slot(
+        self, change: BreakerChange, key: str, create: bool = False
+    ) -> tuple[dict[Any, _Entry] | None, str | None]:
         """The dict that holds the refusing entry of ``change`` read under ``key``, and its key there."""
         kind, ident = change.entity.type, change.entity.id
         by_id = self._scoped.get(kind)
@@ -231,18 +233,22 @@ class BreakerTable:
         if by_id is None:
             refusing = self._global.get(kind)
             entry = refusing.get(ident) if refusing is not None else None
-            return entry if entry is not None and entry.change is change else None
-        return next((e for e in (by_id.get(ident) or {}).values() if e.change is change), None)
+            return entry if entry is not None and entry.change.change_id == change.change_id else None
+        return next((e for e in (by_id.get(ident) or {}).values() if e.change.change_id == change.change_id), None)
 
-    def _unrefuse(self, change: BreakerChange, key: str) -> None:
-        """Stop refusing on what ``key`` held."""
+    def _unrefuse(self, change: BreakerChange, key: str) -> _Entry | None:
+        """Stop refusing on what ``key`` held; the entry that refused, if any."""
         refusing, slot = self._slot(change, key)
-        if refusing is not None:
-            entry = refusing.get(slot)
-            if entry is not None and entry.key == key:
-                del refusing[slot]
-            if not refusing and change.entity.type in TEAM_SCOPED:
-                del self._scoped[change.entity.type][change.entity.id]
+        if refusing is None:
+            return None
+        entry = refusing.get(slot)
+        if entry is not None and entry.key == key:
+            del refusing[slot]
+        else:
+            entry = None
+        if not refusing and change.entity.type in TEAM_SCOPED:
+            del self._scoped[change.entity.type][change.entity.id]
+        return entry
 
     # -- the request path --------------------------------------------------------------------------
 
@@ -573,6 +579,8 @@ class BreakerFollower:
 
     def _dropped(self) -> None:
         """Tell ``on_drop`` what the table let go (a tombstone; a breaker from before teams, superseded)."""
+        if not self.table.dropped:
+            return
         dropped = list(self.table.dropped)
         self.table.dropped.clear()
         on_drop = self.on_drop

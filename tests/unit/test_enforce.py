@@ -415,3 +415,28 @@ def test_what_a_table_alone_lets_go_stays_bounded() -> None:
         table.apply(c)
         table.forget(change_key(c))
     assert len(table.dropped) == MAX_DROPPED and table.dropped[-1].entity.id == f"k{MAX_DROPPED + 9}"
+
+
+def test_the_probe_an_expired_breaker_from_before_teams_gave_out_carries_on_to_its_successor() -> None:
+    table = BreakerTable(probe_interval=30)
+    table.apply(change("agent:assistant", OPEN, ttl=600, owner="search"), key="agent:assistant")
+    assert table.allowed(agent="assistant", team="search", now=T0 + 600)  # the probe, before the half-open came
+    half = change("agent:assistant", HALF_OPEN, at=T0 + 600, version=int(T0) + 1, owner="search")
+    assert table.apply(half)  # the alerter's board, under the per-team key
+    assert not table.allowed(agent="assistant", team="search", now=T0 + 601)
+    assert table.allowed(agent="assistant", team="search", now=T0 + 631) and len(table) == 1
+
+
+def test_a_team_named_blank_is_one_team_not_every_team() -> None:
+    table = BreakerTable()
+    table.apply(change("agent:assistant", OPEN, owner=""))  # an --owner once let through blank
+    assert table.allowed(agent="assistant", team="ads", now=T0 + 1)
+    assert not table.allowed(agent="assistant", team="", now=T0 + 1)
+
+
+def test_retry_after_of_an_equal_change_read_again() -> None:
+    table = BreakerTable()
+    opened = change("session:s", OPEN, ttl=600)
+    table.apply(opened)
+    copy = BreakerChange.model_validate_json(opened.model_dump_json())
+    assert table.retry_after(copy, now=T0 + 1) == table.retry_after(opened, now=T0 + 1) == 599
