@@ -319,7 +319,7 @@ class Responder:
         """
         for owner in self.board.owners(feedback.entity):
             b = self.board.get(feedback.entity, owner)
-            if b is not None and b.state is not BreakerState.CLOSED and b.incident_id == feedback.incident_id:
+            if b is not None and self._refusing(feedback.entity, owner) and b.incident_id == feedback.incident_id:
                 return b
         return None
 
@@ -330,6 +330,11 @@ class Responder:
         if feedback.entity.type == "team":
             return feedback.entity.id
         team = self.owners.get(feedback.incident_id)
-        if team is None and len(owners := self.board.owners(feedback.entity)) == 1:
-            team = owners[0]
+        if team is None:  # the only refusing breaker's (a closed one may be a week old and another team's)
+            owners = [o for o in self.board.owners(feedback.entity) if self._refusing(feedback.entity, o)]
+            team = owners[0] if len(owners) == 1 else None
         return team
+
+    def _refusing(self, entity: Entity, owner: str) -> bool:
+        b = self.board.get(entity, owner)
+        return b is not None and b.state is not BreakerState.CLOSED

@@ -808,3 +808,29 @@ def test_a_label_closes_the_breaker_its_incident_tripped_whoever_owns_it() -> No
         r.apply_feedback(feedback("false_alarm", fid="fb-2", entity=agent, kind="agent_loop", team="growth"), T0 + 130)
         == []
     )  # ads' breaker is another incident's
+
+
+def test_a_label_without_a_team_takes_the_team_of_the_only_breaker_still_refusing() -> None:
+    from detector.breakers import make_change
+
+    agent = Entity(type="agent", id="assistant")
+    r = Responder(settings())
+    r.owners.clear()
+    old = make_change(
+        agent, owner="ads", state=BreakerState.CLOSED, previous=None, at=T0 - 86400, reason="x", actor="bob"
+    )
+    live = make_change(
+        agent,
+        owner="search",
+        state=BreakerState.OPEN,
+        previous=None,
+        at=T0,
+        reason="loop",
+        actor="stormwatch",
+        expires_at=None,
+        incident_id="inc-7",
+    )
+    r.board.apply(old), r.board.apply(live)
+    closed = r.apply_feedback(feedback("planned", entity=agent, kind="agent_loop"), T0 + 120)
+    assert [(c.owner, c.state.value) for c in closed] == [("search", "closed")]
+    assert list(r.silences) == [("agent_loop", "search\x1fagent:assistant")]
