@@ -44,6 +44,9 @@ def _to_utc(value: datetime) -> datetime:
 
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
 Id = Annotated[str, Field(min_length=1, max_length=256)]
+# A team's name keys the state of its users, agents and sessions ("<team>\x1f<id>"): no control characters.
+TEAM_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+TeamName = Annotated[str, Field(min_length=1, max_length=256, pattern=TEAM_PATTERN)]
 Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
 
 
@@ -69,7 +72,7 @@ class UsageEvent(BaseModel):
 
     event_id: Id = Field(description="Unique id of this request; used to drop duplicates downstream.")
     timestamp: AwareDatetime = Field(description="When the request finished, RFC 3339 with an offset (Z for UTC).")
-    team: Id = Field(description="Owning team; alerts are routed to it.")
+    team: TeamName = Field(description="Owning team; alerts are routed to it. No control characters.")
     api_key_id: Id = Field(description="Id (never the secret) of the API key that made the call.")
     provider: Id = Field(description="openai, anthropic, google, azure, bedrock, ...")
     model: Id = Field(description="Model name as billed, e.g. gpt-4o-2024-08-06.")

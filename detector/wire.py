@@ -81,6 +81,8 @@ class UsageRecord(msgspec.Struct, frozen=True, gc=False):
     def __post_init__(self) -> None:
         # A refusal here sends the event to pydantic, which refuses it too and says why.
         check_token_subsets(self.input_tokens, self.output_tokens, self.cached_input_tokens, self.reasoning_tokens)
+        if not self.team.isprintable():  # no control character in it, surely; else the contract's pattern judges
+            raise ValueError("team")
 
 
 _decode = msgspec.json.Decoder(UsageRecord).decode

@@ -87,8 +87,12 @@ def store_key(etype: EntityType, team: str, ident: str) -> str:
 
 
 def entity_id(etype: EntityType, key: str) -> str:
-    """The entity id of a store key (what alerts and breakers name)."""
-    return key.rpartition(SEP)[2] if etype in SCOPED else key
+    """The entity id of a store key (what alerts and breakers name).
+
+    >>> entity_id("user", store_key("user", "ads", "eu" + SEP + "bob")) == "eu" + SEP + "bob"
+    True
+    """
+    return key.partition(SEP)[2] if etype in SCOPED else key  # a team name holds no SEP; an id may
 
 
 class ScopedKey:

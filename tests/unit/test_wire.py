@@ -35,6 +35,7 @@ BASE: dict[str, Any] = {
 
 INTS = [0, -1, 7, 10_000, 10_001, 50_000_000, 50_000_001, 12.0, 12.5, "12", "x", True, False, None, 2**70, [], 1e3]
 IDS = ["", "a", "x" * 256, "x" * 257, "é" * 256, "😀" * 256, "😀" * 257, " ", "\u0000", 5, True, None, ["a"]]
+CONTROL = ["a\x1fb", "a\n", "\na", "\t", "a\x7f", "a\u0080", "é quipe"]  # a team name may hold none of 0-31, 127
 FLOATS = [0, 0.0, -0.0, -1e-9, 5, 100_000, 100_000.01, 1e308, "1.5", True, None, [], "NaN"]
 TIMESTAMPS = [
     "2026-11-02T09:30:00Z",
@@ -65,7 +66,8 @@ LABELS = [{}, {"a": "b"}, {"a": 1}, {"": ""}, [], None, "a=b", {"a": None}]
 FIELD_VALUES: dict[str, list[Any]] = {
     **{f: INTS for f in ("input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens")},
     **{f: INTS for f in ("retry_attempt", "http_status")},
-    **{f: IDS for f in ("event_id", "team", "api_key_id", "provider", "model", "operation")},
+    **{f: IDS for f in ("event_id", "api_key_id", "provider", "model", "operation")},
+    "team": IDS + CONTROL,
     **{f: IDS for f in ("user", "agent_id", "session_id", "trace_id")},
     **{f: IDS for f in ("error_type", "request_fingerprint", "tool_name")},
     **{f: FLOATS for f in ("cost_usd", "latency_ms")},
