@@ -20,6 +20,7 @@ from detector.alerting.dispatch import Dispatcher
 from detector.alerting.outbox import Outbox
 from detector.alerting.policy import Decision, Responder, Route
 from detector.alerting.slack import header_for
+from detector.breakers import make_change
 from detector.events import (
     Alert,
     BreakerChange,
@@ -761,6 +762,22 @@ def test_a_labelled_incident_still_closes_its_slack_thread_and_a_silenced_one_po
 
 # -- labels and breakers from before breakers were per team ----------------------------------------
 
+ASSISTANT = Entity(type="agent", id="assistant")
+
+
+def agent_breaker(owner: str, incident_id: str | None, state: BreakerState = BreakerState.OPEN) -> BreakerChange:
+    at = T0 if state is BreakerState.OPEN else T0 - 86400
+    return make_change(
+        ASSISTANT,
+        owner=owner,
+        state=state,
+        previous=None,
+        at=at,
+        reason="loop",
+        actor="stormwatch",
+        incident_id=incident_id,
+    )
+
 
 def test_a_label_whose_team_is_unknown_silences_no_team() -> None:
     user = Entity(type="user", id="ana")
@@ -774,63 +791,19 @@ def test_a_label_whose_team_is_unknown_silences_no_team() -> None:
 
 def test_a_label_closes_the_breaker_its_incident_tripped_whoever_owns_it() -> None:
     """Tripped before breakers were per team, a breaker of an unconfigured team's agent is the default owner's."""
-    from detector.breakers import make_change
-
-    agent = Entity(type="agent", id="assistant")
     r = Responder(settings())
-    old = make_change(
-        agent,
-        owner="platform",
-        state=BreakerState.OPEN,
-        previous=None,
-        at=T0,
-        reason="loop",
-        actor="stormwatch",
-        expires_at=None,
-        incident_id="inc-1",
-    )
-    assert r.board.apply(old)
-    closed = r.apply_feedback(feedback("false_alarm", entity=agent, kind="agent_loop", team="growth"), T0 + 120)
+    assert r.board.apply(agent_breaker("platform", "inc-1"))
+    closed = r.apply_feedback(feedback("false_alarm", entity=ASSISTANT, kind="agent_loop", team="growth"), T0 + 120)
     assert [(c.owner, c.state.value) for c in closed] == [("platform", "closed")]
-    other = make_change(
-        agent,
-        owner="ads",
-        state=BreakerState.OPEN,
-        previous=None,
-        at=T0,
-        reason="loop",
-        actor="stormwatch",
-        expires_at=None,
-        incident_id="inc-9",
-    )
-    r.board.apply(other)
-    assert (
-        r.apply_feedback(feedback("false_alarm", fid="fb-2", entity=agent, kind="agent_loop", team="growth"), T0 + 130)
-        == []
-    )  # ads' breaker is another incident's
+    r.board.apply(agent_breaker("ads", "inc-9"))
+    again = feedback("false_alarm", fid="fb-2", entity=ASSISTANT, kind="agent_loop", team="growth")
+    assert r.apply_feedback(again, T0 + 130) == []  # ads' breaker is another incident's
 
 
 def test_a_label_without_a_team_takes_the_team_of_the_only_breaker_still_refusing() -> None:
-    from detector.breakers import make_change
-
-    agent = Entity(type="agent", id="assistant")
     r = Responder(settings())
     r.owners.clear()
-    old = make_change(
-        agent, owner="ads", state=BreakerState.CLOSED, previous=None, at=T0 - 86400, reason="x", actor="bob"
-    )
-    live = make_change(
-        agent,
-        owner="search",
-        state=BreakerState.OPEN,
-        previous=None,
-        at=T0,
-        reason="loop",
-        actor="stormwatch",
-        expires_at=None,
-        incident_id="inc-7",
-    )
-    r.board.apply(old), r.board.apply(live)
-    closed = r.apply_feedback(feedback("planned", entity=agent, kind="agent_loop"), T0 + 120)
+    r.board.apply(agent_breaker("ads", None, BreakerState.CLOSED)), r.board.apply(agent_breaker("search", "inc-7"))
+    closed = r.apply_feedback(feedback("planned", entity=ASSISTANT, kind="agent_loop"), T0 + 120)
     assert [(c.owner, c.state.value) for c in closed] == [("search", "closed")]
     assert list(r.silences) == [("agent_loop", "search\x1fagent:assistant")]
