@@ -204,14 +204,18 @@ def resolve_owner(
     if entity.type == "team":
         return entity.id
     on_it = [c for c in changes.values() if c.entity == entity]
-    known = sorted({c.owner for c in on_it})
+    every = sorted({c.owner for c in on_it})
+    known = every
     if entity.type in TEAM_SCOPED:
         refusing = sorted({c.owner for c in on_it if c.state is not BreakerState.CLOSED})
-        known = refusing if refusing or opening else known
+        known = refusing if refusing or opening else every
     if len(known) == 1:
         return known[0]
     if entity.type in TEAM_SCOPED:
-        teams = f" (teams with a breaker on it: {', '.join(known)})" if known else ""
+        if known:
+            teams = f" (teams with a breaker on it: {', '.join(known)})"
+        else:
+            teams = f" (teams with a closed breaker on it: {', '.join(every)})" if every else ""
         raise OwnerNeeded(f"{entity}: whose? Each team has its own; say --owner TEAM{teams}")
     return "unknown"
 

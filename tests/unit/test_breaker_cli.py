@@ -53,7 +53,7 @@ def test_a_change_on_top_of_another_teams_breaker_is_refused() -> None:
 def test_a_closed_breaker_of_another_team_says_nothing_of_whose_agent_it_is() -> None:
     old = opened("agent:assistant", "ads")
     closed = manual_change(old, AGENT, "close", at=T0 + 60, reason="fixed", actor="bob", owner="ads")
-    with pytest.raises(OwnerNeeded, match="whose"):
+    with pytest.raises(OwnerNeeded, match="teams with a closed breaker on it: ads"):
         resolve_owner(AGENT, None, on_topic(closed), opening=True)
     assert resolve_owner(AGENT, None, on_topic(closed)) == "ads"  # a close of it: a no-op, not an error
     both = on_topic(closed, opened("agent:assistant", "search"))
