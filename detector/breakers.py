@@ -273,9 +273,13 @@ class BreakerBoard:
         """The breaker of ``entity`` (an agent's or session's: of team ``owner``)."""
         return self._breakers.get(entity_key(entity, owner))
 
+    def on(self, entity: Entity) -> list[Breaker]:
+        """The breakers on ``entity``: one per team that has one for an agent or session, else at most one."""
+        return [b for b in self._breakers.values() if b.entity == entity]
+
     def owners(self, entity: Entity) -> list[str]:
         """The teams that have a breaker on ``entity`` (one for a team or an API key)."""
-        return [b.owner for b in self._breakers.values() if b.entity == entity]
+        return [b.owner for b in self.on(entity)]
 
     def __len__(self) -> int:
         return len(self._breakers)

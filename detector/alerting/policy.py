@@ -317,11 +317,14 @@ class Responder:
         A breaker tripped before breakers were per team is owned by the team its alert was routed
         to (the default owner, for a team with no routing of its own), not by the label's team.
         """
-        for owner in self.board.owners(feedback.entity):
-            b = self.board.get(feedback.entity, owner)
-            if b is not None and self._refusing(feedback.entity, owner) and b.incident_id == feedback.incident_id:
-                return b
-        return None
+        return next(
+            (
+                b
+                for b in self.board.on(feedback.entity)
+                if b.state is not BreakerState.CLOSED and b.incident_id == feedback.incident_id
+            ),
+            None,
+        )
 
     def _team_of(self, feedback: IncidentFeedback) -> str | None:
         """The labelled entity's team: the label's own, else the incident's, else the only breaker's on it."""
@@ -331,10 +334,6 @@ class Responder:
             return feedback.entity.id
         team = self.owners.get(feedback.incident_id)
         if team is None:  # the only refusing breaker's (a closed one may be a week old and another team's)
-            owners = [o for o in self.board.owners(feedback.entity) if self._refusing(feedback.entity, o)]
+            owners = [b.owner for b in self.board.on(feedback.entity) if b.state is not BreakerState.CLOSED]
             team = owners[0] if len(owners) == 1 else None
         return team
-
-    def _refusing(self, entity: Entity, owner: str) -> bool:
-        b = self.board.get(entity, owner)
-        return b is not None and b.state is not BreakerState.CLOSED
